@@ -1,0 +1,110 @@
+"""Decoding: a KV-cached token loop under a bound state, sampling, and incremental detokenization
+with stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(
+                f"max_new_tokens must be a non-negative int, got {self.max_new_tokens!r}"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], state, params: SamplingParams) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens or an end-of-sequence token."""
+    if params.max_new_tokens == 0:
+        return
+    rng = None
+    if params.temperature > 0:
+        rng = torch.Generator(device=model.device)
+        rng.manual_seed(params.seed if params.seed is not None else torch.seed())
+    eos = _eos_ids(model)
+    cache = DynamicCache()
+    ids = torch.tensor([prompt_ids], device=model.device)
+    with model.bind_states([state]):
+        for _ in range(params.max_new_tokens):
+            out = model.base(input_ids=ids, past_key_values=cache, use_cache=True)
+            token = sample(out.logits[0, -1], params, rng)
+            if token in eos:
+                return
+            yield token
+            ids = torch.tensor([[token]], device=model.device)
+
+
+def _eos_ids(model) -> set[int]:
+    ids = {model.tokenizer.eos_token_id}
+    configured = model.base.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def stream_text(tokenizer, token_ids: Iterator[int], stop: list[str]) -> Iterator[str]:
+    """Turn token ids into text pieces as they arrive. Holds back an incomplete UTF-8 character
+    and any tail that could still become a stop string; stops at the first stop string."""
+    ids: list[int] = []
+    emitted = 0
+    text = ""
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        cut = min((i for i in (text.find(s, emitted) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - _partial_stop(text, stop)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _partial_stop(text: str, stop: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

@@ -1,0 +1,189 @@
+"""The generator: small trainable projections, per adapted layer, that turn the hidden states of a
+context pass into the state S (keys/values) and turn S into a weight delta (A, B).
+
+For an adapted linear layer with input size d_in and output size d_out:
+    h = RMSNorm(x)            x: the layer's own input during the context pass (T x d_in)
+    K = h Wk^T, V = h Wv^T    (T x r1), (T x r2)
+    S += K^T V                (r1 x r2), summed over every absorbed token
+    y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .state import atomic_write
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "generator.safetensors"
+
+
+class GeneratorFormatError(ValueError):
+    """A generator checkpoint that is missing files, malformed, or made for another base."""
+
+
+@dataclass
+class GeneratorConfig:
+    targets: tuple[str, ...] = ("o_proj", "down_proj")  # module-name suffixes to adapt
+    r1: int = 32
+    r2: int = 32
+    alpha: float = 1.0
+    chunk_tokens: int = 512  # context chunk length the generator was trained with
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GeneratorConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "targets" in known:
+            known["targets"] = tuple(known["targets"])
+        return cls(**known)
+
+
+def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Linear layers of `model` whose last name component is in `targets`, by full name."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features")
+    }
+    if not found:
+        raise ValueError(f"no linear layers named {targets} in the base model")
+    return found
+
+
+class LayerAdapter(nn.Module):
+    """Wk, Wv (context -> state) and A, B (state -> delta) for one adapted layer."""
+
+    def __init__(self, d_in: int, d_out: int, r1: int, r2: int, alpha: float, g: torch.Generator):
+        super().__init__()
+        self.alpha = alpha
+        self.eps = 1e-6
+        self.norm = nn.Parameter(torch.ones(d_in))
+        self.Wk = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
+        self.Wv = nn.Parameter(torch.randn(r2, d_in, generator=g) / d_in**0.5)
+        self.A = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
+        # Zero B: a fresh generator's delta is exactly zero, so training starts from the base.
+        self.B = nn.Parameter(torch.zeros(d_out, r2))
+
+    def kv_sums(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32."""
+        x = x.float()
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
+        k, v = h @ self.Wk.T, h @ self.Wv.T
+        if token_mask is not None:
+            k = k * token_mask.unsqueeze(-1).to(k.dtype)
+        return k.mT @ v
+
+    def delta(self, x: torch.Tensor, s_hat: torch.Tensor) -> torch.Tensor:
+        """alpha * B (S_hat^T (A x)) per sequence: x (b, t, d_in), s_hat (b, r1, r2)."""
+        z = (x.float() @ self.A.T) @ s_hat
+        return self.alpha * (z @ self.B.T)
+
+
+class Generator(nn.Module):
+    def __init__(self, config: GeneratorConfig, shapes: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.config = config
+        self.shapes = dict(shapes)  # adapted layer name -> (d_in, d_out)
+        g = torch.Generator().manual_seed(config.seed)  # same seed, same fresh generator
+        self.layers = nn.ModuleDict(
+            {
+                _key(name): LayerAdapter(d_in, d_out, config.r1, config.r2, config.alpha, g)
+                for name, (d_in, d_out) in self.shapes.items()
+            }
+        )
+
+    @classmethod
+    def for_base(cls, model: nn.Module, config: GeneratorConfig | None = None) -> Generator:
+        config = config or GeneratorConfig()
+        targets = find_targets(model, config.targets)
+        return cls(config, {n: (m.in_features, m.out_features) for n, m in targets.items()})
+
+    def adapter(self, name: str) -> LayerAdapter:
+        return self.layers[_key(name)]
+
+    def state_shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: (self.config.r1, self.config.r2) for name in self.shapes}
+
+    def fingerprint(self) -> str:
+        """Identity of these exact weights; a saved session is bound to it."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, p in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def randomize_(self, seed: int, scale: float = 1.0) -> Generator:
+        """Nonzero B (an untrained but active generator), for tests and benchmarks."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                d_out, r2 = layer.B.shape
+                layer.B.copy_(torch.randn(d_out, r2, generator=g) * scale / r2**0.5)
+        return self
+
+    def save_pretrained(self, folder: str | os.PathLike, base_fingerprint: str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{WEIGHTS_NAME}.tmp"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, tmp)
+        os.replace(tmp, folder / WEIGHTS_NAME)
+        meta = {
+            "format": "genadapter-generator/1",
+            "base_fingerprint": base_fingerprint,
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "config": self.config.to_dict(),
+        }
+        atomic_write(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, base_fingerprint: str | None) -> Generator:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+            config = GeneratorConfig.from_dict(meta["config"])
+            shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        except FileNotFoundError as e:
+            raise GeneratorFormatError(f"{folder}: no {CONFIG_NAME}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise GeneratorFormatError(f"{folder}/{CONFIG_NAME} is malformed: {e}") from e
+        if base_fingerprint and meta.get("base_fingerprint") != base_fingerprint:
+            raise GeneratorFormatError(
+                f"{folder} was trained for base {meta.get('base_fingerprint')}, "
+                f"this base is {base_fingerprint}"
+            )
+        generator = cls(config, shapes)
+        try:
+            tensors = load_file(folder / WEIGHTS_NAME)
+        except FileNotFoundError as e:
+            raise GeneratorFormatError(f"{folder}: no {WEIGHTS_NAME}") from e
+        except Exception as e:
+            raise GeneratorFormatError(f"{folder}/{WEIGHTS_NAME} is unreadable: {e}") from e
+        expected = generator.state_dict()
+        bad = {k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape}
+        if bad or tensors.keys() != expected.keys():
+            raise GeneratorFormatError(
+                f"{folder}/{WEIGHTS_NAME} does not match its config "
+                f"({len(bad)} missing or misshapen tensors)"
+            )
+        generator.load_state_dict(tensors)
+        return generator
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ModuleDict keys cannot contain dots

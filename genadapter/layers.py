@@ -1,0 +1,79 @@
+"""Adapted linear layers: the frozen base matmul plus each sequence's own low-rank delta, and the
+capture of K^T V sums during a context pass."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .generator import Generator, LayerAdapter, find_targets
+
+
+@dataclass
+class Binding:
+    """What the adapted layers do in the current forward pass; shared by all of them.
+
+    s_hat:      layer name -> (b, r1, r2) normalized state of each sequence in the batch, or None
+                (then every layer is exactly the base layer).
+    sums:       when not None, each layer adds its per-sequence K^T V (b, r1, r2) here.
+    token_mask: (b, t) 1 for real tokens, 0 for padding, used when capturing.
+    """
+
+    s_hat: dict[str, torch.Tensor] | None = None
+    sums: dict[str, torch.Tensor] | None = None
+    token_mask: torch.Tensor | None = None
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, name: str, base: nn.Module, adapter: LayerAdapter, binding: Binding):
+        super().__init__()
+        self.name = name
+        self.base = base
+        # Held outside the module tree on purpose: the generator's parameters belong to the
+        # generator (saved, trained and moved with it), not to the frozen base model.
+        self.__dict__["adapter"] = adapter
+        self.__dict__["binding"] = binding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.binding
+        if b.sums is not None:
+            kv = self.adapter.kv_sums(x, b.token_mask)
+            b.sums[self.name] = b.sums[self.name] + kv if self.name in b.sums else kv
+        if b.s_hat is not None:
+            y = y + lowrank_delta(x, self.adapter, b.s_hat[self.name]).to(y.dtype)
+        return y
+
+
+def lowrank_delta(x: torch.Tensor, adapter: LayerAdapter, s_hat: torch.Tensor) -> torch.Tensor:
+    """The one place the delta is computed; a fused kernel can take over here."""
+    return adapter.delta(x, s_hat)
+
+
+def inject(model: nn.Module, generator: Generator) -> Binding:
+    """Replace every target layer of `model` by an AdaptedLinear; returns their shared Binding."""
+    binding = Binding()
+    targets = find_targets(model, generator.config.targets)
+    if set(targets) != set(generator.shapes):
+        raise ValueError("the generator was built for other layers than this model's targets")
+    for name, module in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, AdaptedLinear(name, module, generator.adapter(name), binding))
+    return binding
+
+
+@contextmanager
+def bound(binding: Binding, **fields):
+    """Set fields of the binding for the duration of a forward pass, then clear them."""
+    old = {k: getattr(binding, k) for k in fields}
+    for k, v in fields.items():
+        setattr(binding, k, v)
+    try:
+        yield binding
+    finally:
+        for k, v in old.items():
+            setattr(binding, k, v)

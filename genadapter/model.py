@@ -1,0 +1,188 @@
+"""AdaptedModel: a frozen base with the generator injected. It encodes context into states and runs
+forwards in which each sequence of a batch uses its own state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import Base, load_base
+from .generator import Generator, GeneratorConfig
+from .layers import Binding, bound, inject
+from .state import AdapterState
+from .text import chunked, token_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AbsorbStats:
+    tokens: int
+    chunks: int
+    seconds: float
+
+
+class AdaptedModel:
+    def __init__(
+        self,
+        base: Base,
+        generator: Generator,
+        chunk_tokens: int | None = None,
+        chunk_batch: int = 4,
+    ):
+        self.base = base.model
+        self.tokenizer = base.tokenizer
+        self.base_name = base.name
+        self.base_fingerprint = base.fingerprint
+        self.generator = generator.to(self.device).eval().requires_grad_(False)
+        self.generator_fingerprint = generator.fingerprint()
+        self.chunk_tokens = chunk_tokens or generator.config.chunk_tokens
+        if not 0 < self.chunk_tokens <= self.max_positions:
+            raise ValueError(f"chunk_tokens must be in 1..{self.max_positions}")
+        self.chunk_batch = chunk_batch
+        self.binding: Binding = inject(self.base, generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def max_positions(self) -> int:
+        return self.base.config.max_position_embeddings
+
+    def new_state(self) -> AdapterState:
+        return AdapterState.zeros(self.generator.state_shapes(), self.device)
+
+    def session(self):
+        from .session import Session
+
+        return Session(self)
+
+    def load_session(self, path: str | os.PathLike):
+        from .session import Session
+
+        return Session.load(self, path)
+
+    # -- context pass ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, document: object, progress: bool = False) -> tuple[AdapterState, AbsorbStats]:
+        """The state of one document (str, bytes, or an iterable of pieces), on its own.
+
+        Chunks of chunk_tokens are run through the frozen base, chunk_batch at a time; only the
+        hidden states entering each adapted layer are used, folded at once into K^T V sums."""
+        start = time.perf_counter()
+        state = self.new_state()
+        batch: list[list[int]] = []
+        bar = tqdm(desc="absorbing", unit="tok", disable=not progress, leave=False)
+        for chunk in chunked(token_stream(self.tokenizer, document), self.chunk_tokens):
+            batch.append(chunk)
+            if len(batch) == self.chunk_batch:
+                self._encode_batch(batch, state)
+                bar.update(sum(map(len, batch)))
+                batch = []
+        if batch:
+            self._encode_batch(batch, state)
+            bar.update(sum(map(len, batch)))
+        bar.close()
+        state.documents = 1
+        return state, AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
+
+    def _encode_batch(self, chunks: list[list[int]], state: AdapterState) -> None:
+        width = max(map(len, chunks))
+        ids = torch.full((len(chunks), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        sums: dict[str, torch.Tensor] = {}
+        # Right padding with a causal mask: real tokens never attend to the padding, and the
+        # padding's own keys/values are masked out of the sums. The LM head is skipped.
+        with bound(self.binding, sums=sums, token_mask=mask):
+            self.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for name, s in sums.items():
+            state.sums[name] += s.sum(0)
+        state.tokens += int(mask.sum())
+        state.chunks += len(chunks)
+
+    # -- adapted forward ------------------------------------------------------------------------
+
+    def bind_states(self, states: Sequence[AdapterState | None] | None):
+        """Context manager: the next forwards use states[i] for sequence i. None, or all states
+        empty, leaves the base model untouched (bit-exact)."""
+        if states is None or all(s is None or s.is_empty for s in states):
+            return bound(self.binding, s_hat=None)
+        per_seq = [s.normalized() if s is not None and not s.is_empty else None for s in states]
+        s_hat = {}
+        for name, (r1, r2) in self.generator.state_shapes().items():
+            zero = torch.zeros(r1, r2, device=self.device)
+            s_hat[name] = torch.stack([p[name] if p is not None else zero for p in per_seq])
+        return bound(self.binding, s_hat=s_hat)
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        states: Sequence[AdapterState | None] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with self.bind_states(states):
+            return self.base(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                use_cache=False,
+            ).logits.float()
+
+    @torch.no_grad()
+    def score(self, text: str, session=None, prefix: str | None = None) -> float:
+        """Mean negative log-likelihood per token of `text`, after `prefix` when given, under the
+        session's state. Without a prefix the first token has no context and is not scored."""
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        target = enc(text) if isinstance(text, str) else None
+        if not target:
+            raise ValueError("score needs a non-empty text")
+        context = enc(prefix) if prefix else []
+        ids = context + target
+        if len(ids) > self.max_positions:
+            raise ValueError(
+                f"prefix + text is {len(ids)} tokens; the window is {self.max_positions}"
+            )
+        if len(ids) < 2:
+            raise ValueError("score needs at least two tokens when no prefix is given")
+        state = None if session is None else session.state
+        logits = self.logits(torch.tensor([ids]), [state])[0]
+        first = max(len(context), 1)
+        targets = torch.tensor(ids[first:], device=logits.device)
+        return torch.nn.functional.cross_entropy(logits[first - 1 : -1], targets).item()
+
+
+def load(
+    base: str | os.PathLike | None = None,
+    generator: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    chunk_tokens: int | None = None,
+    chunk_batch: int = 4,
+    quantize: str | None = None,
+) -> AdaptedModel:
+    """Load a frozen base (default: the embedded SmolLM2-135M-Instruct) and a generator."""
+    if quantize is not None:
+        raise NotImplementedError("quantized bases are not supported yet; use quantize=None")
+    loaded = load_base(base, device=device, dtype=dtype)
+    if generator is not None:
+        gen = Generator.from_pretrained(Path(generator), loaded.fingerprint)
+    else:
+        log.warning(
+            "No trained generator is packaged yet: using a fresh one whose B is zero, so every "
+            "session answers exactly like the base model. Pass generator=PATH to use a trained one."
+        )
+        gen = Generator.for_base(loaded.model, GeneratorConfig())
+    return AdaptedModel(loaded, gen, chunk_tokens=chunk_tokens, chunk_batch=chunk_batch)

@@ -1,0 +1,209 @@
+"""A session's memory: the running sums S = sum_t K_t^T V_t per adapted layer, their SVD
+normalization, and an atomic, checksummed file format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "genadapter-state/1"
+# Singular values below this fraction of the largest are treated as zero (float32 SVD noise).
+RANK_RTOL = 1e-5
+
+
+class CorruptStateError(ValueError):
+    """A saved state that cannot be trusted: truncated, altered, or not a genadapter state."""
+
+
+class IncompatibleStateError(ValueError):
+    """A saved state made for another base model or generator."""
+
+
+def _kept(sig: torch.Tensor) -> torch.Tensor:
+    return sig > sig[..., :1] * RANK_RTOL
+
+
+class _PolarFactor(torch.autograd.Function):
+    """U V^T of S = U diag(sig) V^T on the kept rank, with a backward that stays finite when
+    singular values coincide: the polar factor's derivative divides by sig_i + sig_j, never by
+    sig_i - sig_j as the generic SVD backward does."""
+
+    @staticmethod
+    def forward(ctx, S: torch.Tensor) -> torch.Tensor:
+        # Q is invariant to the scale of S; dividing by max|S| first keeps huge and tiny states
+        # inside float32 range.
+        scale = S.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+        U, sig, Vh = torch.linalg.svd(S / scale, full_matrices=False)
+        keep = _kept(sig)
+        sig = torch.where(keep, sig, torch.zeros_like(sig))
+        U = U * keep.unsqueeze(-2)
+        Vh = Vh * keep.unsqueeze(-1)
+        ctx.save_for_backward(U, sig, Vh, scale)
+        return U @ Vh
+
+    @staticmethod
+    def backward(ctx, G: torch.Tensor) -> torch.Tensor:
+        U, sig, Vh, scale = ctx.saved_tensors
+        V = Vh.mT
+        keep = sig > 0
+        floor = (sig[..., :1] * RANK_RTOL).clamp_min(torch.finfo(sig.dtype).tiny)
+        M = U.mT @ G @ V
+        pair = keep.unsqueeze(-1) & keep.unsqueeze(-2)
+        denom = (sig.unsqueeze(-1) + sig.unsqueeze(-2)).clamp_min(floor)
+        X = torch.where(pair, (M - M.mT) / denom, torch.zeros_like(M))
+        grad = U @ X @ Vh
+        # Directions outside the row / column spaces (rectangular or rank-deficient S).
+        inv = torch.where(keep, 1.0 / sig.clamp_min(floor), torch.zeros_like(sig))
+        GV = G @ V
+        grad = grad + (GV - U @ (U.mT @ GV)) * inv.unsqueeze(-2) @ Vh
+        UtG = U.mT @ G
+        grad = grad + U @ (inv.unsqueeze(-1) * (UtG - (UtG @ V) @ Vh))
+        return grad / scale
+
+
+def normalize_svd(S: torch.Tensor) -> torch.Tensor:
+    """S_hat = U V^T: every kept singular value set to 1, so the adapter's scale does not depend on
+    how much context was absorbed. All-zero S gives zero; the result is always finite."""
+    if not torch.isfinite(S).all():
+        raise ValueError("adapter state contains NaN or Inf")
+    return _PolarFactor.apply(S.float())
+
+
+class AdapterState:
+    """Per adapted layer, the r1 x r2 sum S of K^T V over every absorbed token (float32)."""
+
+    def __init__(
+        self,
+        sums: dict[str, torch.Tensor],
+        tokens: int = 0,
+        chunks: int = 0,
+        documents: int = 0,
+    ):
+        self.sums = sums
+        self.tokens = tokens
+        self.chunks = chunks
+        self.documents = documents
+        self._normalized: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def zeros(cls, shapes: dict[str, tuple[int, int]], device=None) -> AdapterState:
+        return cls(
+            {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()}
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        return self.tokens == 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.sums.values())
+
+    def clone(self) -> AdapterState:
+        return AdapterState(
+            {n: s.clone() for n, s in self.sums.items()}, self.tokens, self.chunks, self.documents
+        )
+
+    def add_(self, other: AdapterState) -> AdapterState:
+        """In-place sum: states of separately absorbed text combine by addition."""
+        if other.sums.keys() != self.sums.keys():
+            raise ValueError("cannot add states of different adapted layers")
+        for n, s in other.sums.items():
+            self.sums[n].add_(s.to(self.sums[n].device))
+        self.tokens += other.tokens
+        self.chunks += other.chunks
+        self.documents += other.documents
+        self._normalized = None
+        return self
+
+    def normalized(self) -> dict[str, torch.Tensor]:
+        if self._normalized is None:
+            self._normalized = {n: normalize_svd(s) for n, s in self.sums.items()}
+        return self._normalized
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.sums):
+            h.update(name.encode())
+            h.update(self.sums[name].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # -- file format: one safetensors file; metadata (JSON) in its header ------------------------
+
+    def save(self, path: str | os.PathLike, meta: dict) -> None:
+        meta = dict(
+            meta,
+            format=FORMAT,
+            tokens=self.tokens,
+            chunks=self.chunks,
+            documents=self.documents,
+            checksum=self.checksum(),
+        )
+        tensors = {n: s.detach().cpu().contiguous() for n, s in self.sums.items()}
+        atomic_write(Path(path), st_save(tensors, metadata={"genadapter": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None) -> tuple[AdapterState, dict]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved state at {path}")
+        data = path.read_bytes()
+        meta = _read_meta(data, path)
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error types
+            raise CorruptStateError(f"{path}: unreadable tensor data ({e})") from e
+        state = cls(
+            {n: t.to(device=device, dtype=torch.float32) for n, t in tensors.items()},
+            int(meta.get("tokens", 0)),
+            int(meta.get("chunks", 0)),
+            int(meta.get("documents", 0)),
+        )
+        if state.checksum() != meta.get("checksum"):
+            raise CorruptStateError(f"{path}: checksum mismatch, the file was altered or damaged")
+        return state, meta
+
+
+def _read_meta(data: bytes, path: Path) -> dict:
+    if len(data) < 8:
+        raise CorruptStateError(f"{path}: truncated (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise CorruptStateError(f"{path}: truncated header")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"]["genadapter"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptStateError(f"{path}: not a genadapter state file") from e
+    if meta.get("format") != FORMAT:
+        raise CorruptStateError(f"{path}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target: readers see
+    the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
