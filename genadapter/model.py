@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,24 +76,34 @@ class AdaptedModel:
     def encode(self, document: object, progress: bool = False) -> tuple[AdapterState, AbsorbStats]:
         """The state of one document (str, bytes, or an iterable of pieces), on its own.
 
-        Chunks of chunk_tokens are run through the frozen base, chunk_batch at a time; only the
-        hidden states entering each adapted layer are used, folded at once into K^T V sums."""
+        Raises DocumentError for empty or non-text input; nothing else changes in that case."""
         start = time.perf_counter()
-        state = self.new_state()
-        batch: list[list[int]] = []
-        bar = tqdm(desc="absorbing", unit="tok", disable=not progress, leave=False)
-        for chunk in chunked(token_stream(self.tokenizer, document), self.chunk_tokens):
-            batch.append(chunk)
-            if len(batch) == self.chunk_batch:
-                self._encode_batch(batch, state)
-                bar.update(sum(map(len, batch)))
-                batch = []
-        if batch:
-            self._encode_batch(batch, state)
-            bar.update(sum(map(len, batch)))
-        bar.close()
+        chunks = chunked(token_stream(self.tokenizer, document), self.chunk_tokens)
+        state = self.encode_chunks(chunks, progress=progress)
         state.documents = 1
         return state, AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def encode_chunks(self, chunks: Iterable[list[int]], progress: bool = False) -> AdapterState:
+        """Sum of the states of token chunks, each encoded independently by the frozen base.
+
+        Chunks run chunk_batch at a time; only the hidden states entering each adapted layer are
+        used, folded at once into K^T V sums, so memory is bounded by one chunk batch."""
+        state = self.new_state()
+        batch: list[list[int]] = []
+        with tqdm(desc="absorbing", unit="tok", disable=not progress, leave=False) as bar:
+            for chunk in chunks:
+                if not 0 < len(chunk) <= self.max_positions:
+                    raise ValueError(f"a chunk must hold 1..{self.max_positions} tokens")
+                batch.append(chunk)
+                if len(batch) == self.chunk_batch:
+                    self._encode_batch(batch, state)
+                    bar.update(sum(map(len, batch)))
+                    batch = []
+            if batch:
+                self._encode_batch(batch, state)
+                bar.update(sum(map(len, batch)))
+        return state
 
     def _encode_batch(self, chunks: list[list[int]], state: AdapterState) -> None:
         width = max(map(len, chunks))

@@ -176,6 +176,8 @@ def _read_meta(data: bytes, path: Path) -> dict:
     if len(data) < 8:
         raise CorruptStateError(f"{path}: truncated (only {len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
+    if data[8:9] != b"{":
+        raise CorruptStateError(f"{path}: not a genadapter state file")
     if n > len(data) - 8:
         raise CorruptStateError(f"{path}: truncated header")
     try:

@@ -1,0 +1,69 @@
+"""Shared fixtures. Models load in float32 on the CPU so comparisons can use tight tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import genadapter
+from genadapter.base import Base, _converted_default_dir, default_gguf_path, load_base
+from genadapter.generator import Generator, GeneratorConfig
+from genadapter.model import AdaptedModel
+
+# Small chunks so short test documents still span several chunks and chunk batches.
+TEST_CHUNK = 64
+
+
+@pytest.fixture(scope="session")
+def default_dir():
+    return _converted_default_dir(default_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The default base with the default (untrained, B = 0) generator."""
+    return genadapter.load(device="cpu", dtype=torch.float32, chunk_tokens=TEST_CHUNK)
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """The default base with a random generator whose B is nonzero: sessions change outputs."""
+    base = load_base(None, device="cpu", dtype=torch.float32)
+    gen = Generator.for_base(base.model, GeneratorConfig(seed=1)).randomize_(seed=2, scale=0.5)
+    return AdaptedModel(base, gen, chunk_tokens=TEST_CHUNK, chunk_batch=3)
+
+
+@pytest.fixture(scope="session")
+def reference(default_dir):
+    """The unwrapped transformers model, loaded on its own."""
+    return AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+
+
+def make_tiny_base(folder, tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0):
+    """A small random Llama with the default tokenizer, saved as a local Hugging Face folder."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+DOCUMENT = """The Vellmar Rail Company was founded in 1871 in the river town of Ostrava Minor. Its first
+line ran 42 kilometres from the quarries at Dunmere to the harbour, carrying slate for roofs.
+
+By 1890 the company owned 31 locomotives, each named after a bird: the Kestrel, the Heron and the
+Lapwing were the best known. The chief engineer, Agathe Lindqvist, designed a brake that let trains
+descend the Dunmere grade safely in winter.
+
+In 1923 the line was electrified. Passenger numbers peaked in 1951 at 2.4 million a year, then fell
+as roads improved. The last slate train ran on 14 March 1968; the harbour branch is now a cycle path
+and the Kestrel stands in the town museum, painted green and gold as it was in 1890.
+"""
+
+
+__all__ = ["Base", "DOCUMENT", "TEST_CHUNK", "make_tiny_base"]

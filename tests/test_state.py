@@ -1,0 +1,142 @@
+"""SVD normalization and the saved-state format, on random matrices (no model needed)."""
+
+import os
+
+import pytest
+import torch
+
+from genadapter.state import AdapterState, CorruptStateError, atomic_write, normalize_svd
+
+
+def singular_values(x):
+    return torch.linalg.svdvals(x.double())
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (8, 5), (5, 8)])
+def test_random_state_has_unit_singular_values(shape):
+    torch.manual_seed(0)
+    S = torch.randn(*shape) * 37.0
+    sv = singular_values(normalize_svd(S))
+    assert torch.allclose(sv, torch.ones_like(sv), atol=1e-5)
+
+
+def test_normalized_is_polar_factor():
+    # U V^T is the orthogonal matrix closest to S; for symmetric positive definite S it is I.
+    torch.manual_seed(1)
+    X = torch.randn(6, 6, dtype=torch.float64)
+    S = (X @ X.T + 0.5 * torch.eye(6)).float()
+    assert torch.allclose(normalize_svd(S), torch.eye(6), atol=1e-5)
+
+
+def test_zero_state_gives_zero():
+    out = normalize_svd(torch.zeros(16, 16))
+    assert torch.equal(out, torch.zeros(16, 16))
+
+
+def test_rank_one_state_keeps_rank_one():
+    torch.manual_seed(2)
+    u, v = torch.randn(16, 1), torch.randn(1, 12)
+    sv = singular_values(normalize_svd(u @ v * 1e3))
+    assert abs(sv[0] - 1) < 1e-5
+    assert sv[1:].abs().max() < 1e-5
+    # The kept direction is the original one.
+    expected = (u / u.norm()) @ (v / v.norm())
+    assert torch.allclose(normalize_svd(u @ v), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 3e38])
+def test_huge_and_tiny_states_stay_finite_and_scale_free(scale):
+    torch.manual_seed(3)
+    S = torch.randn(8, 8)
+    S = S / S.abs().max()  # entries up to `scale`, within float32 range
+    out = normalize_svd(S * scale)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, normalize_svd(S), atol=1e-4)
+
+
+def test_near_degenerate_state_has_finite_value_and_gradient():
+    torch.manual_seed(4)
+    Q1, _ = torch.linalg.qr(torch.randn(8, 8))
+    Q2, _ = torch.linalg.qr(torch.randn(8, 8))
+    sig = torch.tensor([5.0, 3.0, 3.0, 3.0 + 1e-7, 1.0, 1.0, 0.5, 0.0])  # ties and a zero
+    S = (Q1 @ torch.diag(sig) @ Q2.T).requires_grad_(True)
+    out = normalize_svd(S)
+    (out * torch.randn(8, 8)).sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(S.grad).all()
+    sv = singular_values(out)
+    assert torch.allclose(sv[:7], torch.ones(7, dtype=torch.float64), atol=1e-4)
+    assert sv[7] < 1e-4
+
+
+def test_nonfinite_state_is_rejected():
+    S = torch.ones(4, 4)
+    S[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_svd(S)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 6), (3, 3, 3)])
+def test_backward_matches_finite_differences(shape):
+    # The custom backward (polar-factor derivative) against numerical differentiation.
+    torch.manual_seed(5)
+    from genadapter.state import _PolarFactor
+
+    S = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_PolarFactor.apply, (S,), eps=1e-6, atol=1e-5)
+
+
+def random_state(seed=0, tokens=100):
+    g = torch.Generator().manual_seed(seed)
+    sums = {f"model.layers.{i}.o_proj": torch.randn(8, 8, generator=g) for i in range(3)}
+    return AdapterState(sums, tokens=tokens, chunks=2, documents=1)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    state = random_state()
+    state.save(tmp_path / "s.safetensors", {"note": "x"})
+    loaded, meta = AdapterState.load(tmp_path / "s.safetensors")
+    assert meta["note"] == "x" and (loaded.tokens, loaded.chunks, loaded.documents) == (100, 2, 1)
+    for name, s in state.sums.items():
+        assert torch.equal(loaded.sums[name], s)
+
+
+def test_truncated_and_corrupt_files_fail_clearly(tmp_path):
+    path = tmp_path / "s.safetensors"
+    random_state().save(path, {})
+    data = path.read_bytes()
+    for bad, what in [
+        (data[: len(data) // 2], "truncated"),
+        (data[:5], "truncated"),
+        (b"not a state at all, just text" * 3, "not a genadapter state"),
+    ]:
+        path.write_bytes(bad)
+        with pytest.raises(CorruptStateError, match=what):
+            AdapterState.load(path)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF  # one bit pattern in the tensor data changes
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptStateError, match="checksum"):
+        AdapterState.load(path)
+
+
+def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "s.bin"
+    atomic_write(path, b"old")
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]  # no temp file left behind
+
+
+def test_add_is_a_sum():
+    a, b = random_state(1, 10), random_state(2, 20)
+    total = a.clone().add_(b)
+    assert total.tokens == 30 and total.documents == 2
+    for name in a.sums:
+        assert torch.equal(total.sums[name], a.sums[name] + b.sums[name])
+    assert a.nbytes == total.nbytes == 3 * 8 * 8 * 4
