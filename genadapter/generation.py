@@ -108,3 +108,63 @@ def _partial_stop(text: str, stop: list[str]) -> int:
                 best = max(best, n)
                 break
     return best
+
+
+@torch.no_grad()
+def generate_batch(
+    model, prompts: list[list[int]], states: list, params: list[SamplingParams]
+) -> Iterator[list[tuple[int, int]]]:
+    """Decode several sequences, each under its own state and sampling parameters, in one
+    forward per step. Yields, per step, (sequence index, token) for sequences still running.
+
+    Prompts are left-padded; positions count real tokens only, so every sequence decodes as it
+    would alone (up to float rounding of the batched matmuls)."""
+    n = len(prompts)
+    if not n == len(states) == len(params):
+        raise ValueError("prompts, states and params must have the same length")
+    width = max(map(len, prompts))
+    pad = model.tokenizer.pad_token_id
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    rngs = []
+    for p in params:
+        rng = None
+        if p.temperature > 0:
+            rng = torch.Generator(device=model.device)
+            rng.manual_seed(p.seed if p.seed is not None else torch.seed())
+        rngs.append(rng)
+    eos = _eos_ids(model)
+    running = [p.max_new_tokens > 0 for p in params]
+    produced = [0] * n
+    cache = DynamicCache()
+    with model.bind_states(states):
+        while any(running):
+            out = model.base(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            step, next_ids = [], []
+            for i in range(n):
+                token = pad
+                if running[i]:
+                    token = sample(out.logits[i, -1], params[i], rngs[i])
+                    if token in eos:
+                        running[i], token = False, pad
+                    else:
+                        step.append((i, token))
+                        produced[i] += 1
+                        running[i] = produced[i] < params[i].max_new_tokens
+                next_ids.append(token)
+            if step:
+                yield step
+            ids = torch.tensor(next_ids, device=model.device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], 1)
+            positions = positions[:, -1:] + 1

@@ -44,17 +44,23 @@ def make_tiny_base(folder, tokenizer, layers: int = 2, hidden: int = 64, seed: i
     """A small random Llama with the default tokenizer, saved as a local Hugging Face folder."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-DOCUMENT = """The Vellmar Rail Company was founded in 1871 in the river town of Ostrava Minor. Its first
-line ran 42 kilometres from the quarries at Dunmere to the harbour, carrying slate for roofs.
+DOCUMENT = """The Vellmar Rail Company was founded in 1871 in the river town of Ostrava Minor.
+Its first line ran 42 kilometres from the quarries at Dunmere to the harbour, carrying slate
+for roofs.
 
 By 1890 the company owned 31 locomotives, each named after a bird: the Kestrel, the Heron and the
 Lapwing were the best known. The chief engineer, Agathe Lindqvist, designed a brake that let trains

@@ -11,14 +11,19 @@ from .conftest import DOCUMENT
 def run_cli(*args, stdin="", timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "genadapter.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_absorb_command_saves_a_loadable_session(model, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
-    out = run_cli("absorb", str(doc), str(doc), "--out", str(tmp_path / "s"), "--chunk-tokens", "64")
+    out = run_cli(
+        "absorb", str(doc), str(doc), "--out", str(tmp_path / "s"), "--chunk-tokens", "64"
+    )
     assert out.returncode == 0, out.stderr
     loaded = model.load_session(tmp_path / "s")
     direct = model.session()
@@ -34,18 +39,20 @@ def test_chat_repl_commands(tmp_path):
     doc.write_text(DOCUMENT)
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\xff\xfe\x00\x01")
-    script = "\n".join([
-        "/stats",
-        "What is the capital of France?",
-        f"/absorb {bad}",
-        f"/absorb {tmp_path / 'missing.txt'}",
-        f"/save {tmp_path / 'saved'}",
-        "/reset",
-        "/stats",
-        f"/load {tmp_path / 'saved'}",
-        "/quit",
-        "never read",
-    ])
+    script = "\n".join(
+        [
+            "/stats",
+            "What is the capital of France?",
+            f"/absorb {bad}",
+            f"/absorb {tmp_path / 'missing.txt'}",
+            f"/save {tmp_path / 'saved'}",
+            "/reset",
+            "/stats",
+            f"/load {tmp_path / 'saved'}",
+            "/quit",
+            "never read",
+        ]
+    )
     out = run_cli("chat", "--doc", str(doc), "--max-new-tokens", "16", stdin=script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

@@ -46,7 +46,10 @@ def test_five_megabyte_document_streams_in_bounded_memory(model, tmp_path):
     (tmp_path / "para.txt").write_text(DOCUMENT)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(folder), str(tmp_path / "para.txt")],
-        capture_output=True, text=True, timeout=900, check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["tokens"] > 1_000_000

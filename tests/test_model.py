@@ -137,8 +137,9 @@ def test_chat_answers_and_keeps_turns(model):
     answer = s.chat("What is the capital of France?", max_new_tokens=24)
     assert "Paris" in answer
     assert [m["role"] for m in s.messages] == ["user", "assistant"]
-    streamed = "".join(model.session().chat("What is the capital of France?", max_new_tokens=24,
-                                            stream=True))
+    streamed = "".join(
+        model.session().chat("What is the capital of France?", max_new_tokens=24, stream=True)
+    )
     assert streamed == answer
     s.chat("And of Italy?", max_new_tokens=16)
     assert len(s.messages) == 4
@@ -165,3 +166,21 @@ def test_score_matches_manual_negative_log_likelihood(random_model):
     assert no_prefix.item() != manual_t.item()  # the prefix matters
     with pytest.raises(ValueError):
         m.score("")
+
+
+def test_batched_decoding_equals_one_by_one(random_model):
+    from genadapter.generation import SamplingParams, generate_batch, generate_ids
+
+    m = random_model
+    with_doc = m.session()
+    with_doc.absorb(DOCUMENT)
+    prompts = ["The Vellmar Rail Company", "Once upon a time there was", "In 1923"]
+    prompts = [m.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    states = [with_doc.state, None, with_doc.state]
+    params = [SamplingParams(max_new_tokens=k) for k in (12, 7, 10)]
+    got = [[] for _ in prompts]
+    for step in generate_batch(m, prompts, states, params):
+        for i, token in step:
+            got[i].append(token)
+    for i in range(3):
+        assert got[i] == list(generate_ids(m, prompts[i], states[i], params[i]))

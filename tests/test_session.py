@@ -26,11 +26,15 @@ def test_save_load_round_trip_is_exact(random_model, absorbed, tmp_path):
     for name, S in absorbed.state.sums.items():
         assert torch.equal(loaded.state.sums[name], S)
     assert (loaded.state.tokens, loaded.state.chunks, loaded.state.documents) == (
-        absorbed.state.tokens, absorbed.state.chunks, absorbed.state.documents)
+        absorbed.state.tokens,
+        absorbed.state.chunks,
+        absorbed.state.documents,
+    )
     assert loaded.messages == absorbed.messages
     ids = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(random_model.logits(ids, [loaded.state]),
-                       random_model.logits(ids, [absorbed.state]))
+    assert torch.equal(
+        random_model.logits(ids, [loaded.state]), random_model.logits(ids, [absorbed.state])
+    )
 
 
 def test_state_of_another_generator_is_refused(model, absorbed, tmp_path):
@@ -83,8 +87,14 @@ def test_failure_mid_stream_leaves_state_unchanged(absorbed):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_new_tokens": -1}, {"max_new_tokens": 2.5}, {"temperature": -1.0}, {"top_p": 0.0},
-     {"stop": [""]}, {"max_new_tokens": 10**6}],
+    [
+        {"max_new_tokens": -1},
+        {"max_new_tokens": 2.5},
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"stop": [""]},
+        {"max_new_tokens": 10**6},
+    ],
 )
 def test_bad_generation_arguments_raise_and_change_nothing(absorbed, kwargs):
     before = absorbed.state.checksum(), list(absorbed.messages)

@@ -17,7 +17,8 @@ def tokenizer(model):
 
 SAMPLES = [
     DOCUMENT,
-    "Tabs\tand  double  spaces,\n\n\nblank lines\r\n and unicode: caf\u00e9, \u4e2d\u6587, \U0001f600!",
+    "Tabs\tand  double  spaces,\n\n\nblank lines\r\n and unicode: "
+    "caf\u00e9, \u4e2d\u6587, \U0001f600!",
     "def f(x):\n    return x  # indented code\n\n\n\tx = 'quoted'  \n",
 ]
 
