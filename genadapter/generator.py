@@ -136,11 +136,18 @@ class Generator(nn.Module):
                 layer.B.copy_(torch.randn(d_out, r2, generator=g) * scale / r2**0.5)
         return self
 
-    def save_pretrained(self, folder: str | os.PathLike, base_fingerprint: str) -> None:
+    def save_pretrained(
+        self, folder: str | os.PathLike, base_fingerprint: str, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write generator.safetensors and config.json; `dtype` (e.g. bfloat16) halves the size
+        of a shipped checkpoint, loading upcasts to float32."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{WEIGHTS_NAME}.tmp"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {
+            k: v.detach().to(dtype or v.dtype).cpu().contiguous()
+            for k, v in self.state_dict().items()
+        }
         save_file(tensors, tmp)
         os.replace(tmp, folder / WEIGHTS_NAME)
         meta = {
@@ -181,7 +188,7 @@ class Generator(nn.Module):
                 f"{folder}/{WEIGHTS_NAME} does not match its config "
                 f"({len(bad)} missing or misshapen tensors)"
             )
-        generator.load_state_dict(tensors)
+        generator.load_state_dict({k: v.float() for k, v in tensors.items()})
         return generator
 
 

@@ -52,6 +52,11 @@ class _PolarFactor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G: torch.Tensor) -> torch.Tensor:
         U, sig, Vh, scale = ctx.saved_tensors
+        with torch.autocast(U.device.type, enabled=False):
+            return _PolarFactor._grad(G.to(U.dtype), U, sig, Vh, scale)
+
+    @staticmethod
+    def _grad(G, U, sig, Vh, scale):
         V = Vh.mT
         keep = sig > 0
         floor = (sig[..., :1] * RANK_RTOL).clamp_min(torch.finfo(sig.dtype).tiny)
@@ -74,7 +79,9 @@ def normalize_svd(S: torch.Tensor) -> torch.Tensor:
     how much context was absorbed. All-zero S gives zero; the result is always finite."""
     if not torch.isfinite(S).all():
         raise ValueError("adapter state contains NaN or Inf")
-    return _PolarFactor.apply(S.float())
+    # Always float32, also under a bfloat16 autocast: S_hat is small and its SVD must be exact.
+    with torch.autocast(S.device.type, enabled=False):
+        return _PolarFactor.apply(S.float())
 
 
 class AdapterState:

@@ -1,0 +1,78 @@
+"""The training script on a small random Llama: exact resume, and DDP over two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from .conftest import DOCUMENT, make_tiny_base
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+
+@pytest.fixture(scope="module")
+def setup(model, tmp_path_factory):
+    from prepare_data import write_split
+
+    tmp = tmp_path_factory.mktemp("train")
+    base = make_tiny_base(tmp / "tiny", model.tokenizer, layers=2, hidden=32)
+    ids = model.tokenizer.encode(DOCUMENT * 6, add_special_tokens=False)
+    docs = [(f"doc{i}", ids[i * 50 :] + ids[: i * 50]) for i in range(6)]
+    write_split(tmp / "data", "train", docs)
+    write_split(tmp / "data", "dev", docs[:2])
+    (tmp / "data" / "summary.json").write_text(json.dumps({"corpora": ["test"]}))
+    return base, tmp / "data"
+
+
+def train(out, base, data, *extra, nproc=1):
+    args = [
+        "--out_dir", str(out), "--base", str(base), "--data_dir", str(data), "--dtype", "float32",
+        "--steps", "4", "--chunk_tokens", "64", "--context_min", "32", "--context_max", "160",
+        "--target_tokens", "48", "--r1", "8", "--r2", "8", "--eval_interval", "100",
+        "--eval_samples", "1", "--log_interval", "1", "--checkpoint_interval", "1",
+        "--task_mix", '{"completion": 0.4, "reconstruction": 0.3, "qa": 0.3}', *extra,
+    ]
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out_ = subprocess.run(
+        [*launcher, str(ROOT / "training" / "train.py"), *args],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out_.returncode == 0, out_.stderr[-3000:]
+    return out_
+
+
+def weights(folder):
+    return load_file(Path(folder) / "generator" / "generator.safetensors")
+
+
+def test_resume_is_exact(setup, tmp_path):
+    base, data = setup
+    train(tmp_path / "straight", base, data)
+    train(tmp_path / "resumed", base, data, "--stop_after", "2")
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 2  # really stopped half way
+    train(tmp_path / "resumed", base, data)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    # Training moved the weights away from the fresh generator (B starts at zero).
+    assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith(".B"))
+    config = json.loads((tmp_path / "straight" / "generator" / "config.json").read_text())
+    assert config["config"]["extra"]["steps"] == 4
+
+
+def test_ddp_with_two_cpu_processes(setup, tmp_path):
+    base, data = setup
+    out = train(tmp_path / "ddp", base, data, "--steps", "2", nproc=2)
+    assert "all 2 ranks hold generator" in out.stderr + out.stdout
+    assert (tmp_path / "ddp" / "generator" / "generator.safetensors").is_file()
+    assert (tmp_path / "ddp" / "loss.png").is_file()

@@ -1,0 +1,429 @@
+"""Train the adapter generator on a frozen base: self-supervised pretraining (completion and
+reconstruction, as in the paper) and instruction tuning (answer a question about absorbed text).
+
+    python training/train.py --config training/configs/pretrain.json [--steps 500 ...]
+    torchrun --nproc_per_node=2 training/train.py --config ...        (DDP; gloo on CPU)
+
+Each step draws, per sequence, a task and a document segment:
+  completion      absorb n_ctx tokens, score the next target_tokens with the adapter
+  reconstruction  absorb n_ctx tokens, score a target_tokens span taken from inside them
+  qa              absorb a synthetic document, score the answer to a chat question about it
+The context pass runs through the frozen base without building its graph (only Wk, Wv and the
+norm see gradients there); the target pass backpropagates through the base into A, B and S_hat.
+All randomness of a step is a function of (seed, rank, step), so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth_qa import make_example  # noqa: E402
+
+from genadapter.base import load_base  # noqa: E402
+from genadapter.generator import Generator, GeneratorConfig  # noqa: E402
+from genadapter.layers import bound  # noqa: E402
+from genadapter.model import AdaptedModel  # noqa: E402
+from genadapter.state import normalize_svd  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "training/runs/pretrain"
+    data_dir: str = "training/data"
+    base: str | None = None  # None: the embedded default model
+    init_from: str | None = None  # a generator folder to continue from
+    r1: int = 32
+    r2: int = 32
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ("o_proj", "down_proj")
+    chunk_tokens: int = 512
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    context_min: int = 128
+    context_max: int = 1024
+    target_tokens: int = 256
+    task_mix: dict = field(
+        default_factory=lambda: {"completion": 0.5, "reconstruction": 0.5, "qa": 0.0}
+    )
+    dtype: str = "bfloat16"
+    device: str | None = None
+    eval_interval: int = 200
+    eval_samples: int = 16
+    checkpoint_interval: int = 50
+    log_interval: int = 10
+    max_minutes: float | None = None  # checkpoint and stop after this much wall time
+    stop_after: int | None = None  # checkpoint and stop after this many steps of this run
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class Corpus:
+    """Flat token shards from prepare_data.py; segments are drawn uniformly over tokens."""
+
+    def __init__(self, data_dir: str, split: str):
+        d = Path(data_dir)
+        if not (d / f"{split}.tokens.npy").is_file():
+            raise FileNotFoundError(f"no {split} shards in {d}: run training/prepare_data.py")
+        self.tokens = np.load(d / f"{split}.tokens.npy", mmap_mode="r")
+        self.offsets = np.load(d / f"{split}.offsets.npy")
+        self.lengths = np.diff(self.offsets)
+
+    def segment(self, rng: np.random.Generator, length: int) -> list[int]:
+        """A random span of `length` tokens inside one document (shorter documents skipped)."""
+        ok = np.flatnonzero(self.lengths >= length)
+        if len(ok) == 0:
+            raise ValueError(f"no document has {length} tokens")
+        weights = self.lengths[ok] - length + 1
+        doc = ok[rng.choice(len(ok), p=weights / weights.sum())]
+        start = self.offsets[doc] + rng.integers(0, self.lengths[doc] - length + 1)
+        return self.tokens[start : start + length].astype(np.int64).tolist()
+
+
+@dataclass
+class Sample:
+    task: str
+    context: list[int]
+    target: list[int]  # the tokens fed in the target pass
+    labels: list[int]  # target tokens to score, -100 where not scored
+
+
+def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Generator) -> Sample:
+    tasks = list(cfg.task_mix)
+    probs = np.asarray([cfg.task_mix[t] for t in tasks], dtype=float)
+    task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
+    if task == "qa":
+        ex = make_example(random.Random(int(rng.integers(1 << 62))))
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ex.question}], add_generation_prompt=True, tokenize=False
+        )
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        a = tokenizer.encode(ex.answer + "<|im_end|>", add_special_tokens=False)
+        context = tokenizer.encode(ex.document, add_special_tokens=False)
+        return Sample(task, context, p + a, [-100] * len(p) + a)
+    n_ctx = int(rng.integers(cfg.context_min, cfg.context_max + 1))
+    T = cfg.target_tokens
+    if task == "completion":
+        seg = corpus.segment(rng, n_ctx + T)
+        context, target = seg[:n_ctx], seg[n_ctx:]
+    elif task == "reconstruction":
+        context = corpus.segment(rng, max(n_ctx, T))
+        start = int(rng.integers(0, len(context) - T + 1))
+        target = context[start : start + T]
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return Sample(task, context, target, target)
+
+
+# -- model passes -------------------------------------------------------------------------------
+
+
+def context_states(model: AdaptedModel, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Per sample, S = sum of K^T V over its context chunks: name -> (B, r1, r2), with grad."""
+    chunks, owner = [], []
+    for i, s in enumerate(samples):
+        for k in range(0, len(s.context), model.chunk_tokens):
+            chunks.append(s.context[k : k + model.chunk_tokens])
+            owner.append(i)
+    width = max(map(len, chunks))
+    ids = torch.full((len(chunks), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, c in enumerate(chunks):
+        ids[j, : len(c)] = torch.tensor(c)
+        mask[j, : len(c)] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    owner_t = torch.tensor(owner, device=model.device)
+    sums: dict[str, torch.Tensor] = {}
+    with bound(model.binding, sums=sums, token_mask=mask):
+        model.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    B = len(samples)
+    return {
+        n: torch.zeros(B, *s.shape[1:], device=s.device, dtype=s.dtype).index_add(0, owner_t, s)
+        for n, s in sums.items()
+    }
+
+
+def target_loss(
+    model: AdaptedModel, samples: list[Sample], s_hat: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """Mean next-token loss over the scored target tokens, under s_hat (None: the base)."""
+    width = max(len(s.target) for s in samples)
+    ids = torch.full((len(samples), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.target)] = torch.tensor(s.target)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+        mask[i, : len(s.target)] = 1
+    ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
+    with bound(model.binding, s_hat=s_hat):
+        logits = model.base(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def adapter_loss(model: AdaptedModel, samples: list[Sample]) -> torch.Tensor:
+    S = context_states(model, samples)
+    s_hat = {n: normalize_svd(s) for n, s in S.items()}
+    return target_loss(model, samples, s_hat)
+
+
+@torch.no_grad()
+def evaluate(model: AdaptedModel, cfg: TrainConfig, corpus: Corpus) -> dict:
+    """Dev completion loss with no context, with the adapter, and with the context prompted."""
+    rng = np.random.default_rng([cfg.seed, 999_999])
+    totals = {"base": 0.0, "adapter": 0.0, "prompt": 0.0}
+    for _ in range(cfg.eval_samples):
+        seg = corpus.segment(rng, 512 + cfg.target_tokens)
+        s = Sample("completion", seg[:512], seg[512:], seg[512:])
+        totals["base"] += target_loss(model, [s], None).item()
+        totals["adapter"] += adapter_loss(model, [s]).item()
+        prompted = Sample("prompt", [], seg, [-100] * 512 + seg[512:])
+        totals["prompt"] += target_loss(model, [prompted], None).item()
+    out = {k: v / cfg.eval_samples for k, v in totals.items()}
+    out.update({f"{k}_ppl": math.exp(v) for k, v in list(out.items())})
+    gain = out["base"] - out["prompt"]
+    out["recovered"] = (out["base"] - out["adapter"]) / gain if gain > 0 else float("nan")
+    return out
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def save_checkpoint(path: Path, generator, optimizer, step: int, stats: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "generator": generator.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "stats": stats,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
+
+
+def plot_curves(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for task in ("completion", "reconstruction", "qa"):
+        pts = [(r["step"], r[task]) for r in train if r.get(task) is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), label=task, alpha=0.8)
+    axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
+    axes[0].legend()
+    for key in ("base", "adapter", "prompt"):
+        if evals:
+            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
+    axes[1].set(xlabel="step", ylabel="dev completion loss", title="held-out dev documents")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    rank, world = 0, 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base = load_base(cfg.base, device=cfg.device, dtype=cfg.dtype)
+    gcfg = GeneratorConfig(
+        targets=tuple(cfg.targets),
+        r1=cfg.r1,
+        r2=cfg.r2,
+        alpha=cfg.alpha,
+        chunk_tokens=cfg.chunk_tokens,
+        seed=cfg.seed,
+    )
+    if cfg.init_from:
+        generator = Generator.from_pretrained(cfg.init_from, base.fingerprint)
+    else:
+        generator = Generator.for_base(base.model, gcfg)
+    model = AdaptedModel(base, generator, chunk_tokens=cfg.chunk_tokens)
+    generator.train().requires_grad_(True)
+    params = list(generator.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_set, dev_set = Corpus(cfg.data_dir, "train"), Corpus(cfg.data_dir, "dev")
+
+    step, stats = 0, {"tokens": 0, "seconds": 0.0}
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=model.device, weights_only=False)
+        generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, stats = state["step"], state["stats"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log_file = (out / "log.jsonl").open("a")
+
+    autocast = torch.autocast(
+        model.device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"
+    )
+    start = time.perf_counter() - stats["seconds"]
+    first_step = step
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0)
+    window: dict[str, list[float]] = {}
+    while step < cfg.steps:
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            rng = np.random.default_rng([cfg.seed, rank, step, micro])
+            samples = [
+                draw_sample(cfg, train_set, model.tokenizer, rng) for _ in range(cfg.batch_size)
+            ]
+            with autocast:
+                loss = adapter_loss(model, samples)
+            (loss / cfg.grad_accum).backward()
+            for s in samples:
+                window.setdefault(s.task, []).append(loss.item())
+                stats["tokens"] += len(s.context) + len(s.target)
+        if distributed:  # data parallel: average gradients over ranks
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        stats["seconds"] = time.perf_counter() - start
+        bar.update(1)
+        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.steps):
+            row = {
+                "kind": "train",
+                "step": step,
+                "lr": lr_at(cfg, step - 1),
+                "tokens": stats["tokens"] * world,
+                "seconds": round(stats["seconds"], 1),
+                **{t: float(np.mean(v)) for t, v in window.items()},
+            }
+            window = {}
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in cfg.task_mix})
+        timed_out = (cfg.max_minutes is not None and stats["seconds"] > 60 * cfg.max_minutes) or (
+            cfg.stop_after is not None and step - first_step >= cfg.stop_after
+        )
+        if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.steps or timed_out):
+            generator.eval()
+            with autocast:
+                ev = evaluate(model, cfg, dev_set)
+            generator.train()
+            log_file.write(json.dumps({"kind": "eval", "step": step, **ev}) + "\n")
+            log_file.flush()
+            tqdm.write(
+                f"step {step}: dev loss base {ev['base']:.3f} adapter {ev['adapter']:.3f}"
+                f" prompt {ev['prompt']:.3f} (recovered {ev['recovered']:.2f})"
+            )
+        if rank == 0 and (step % cfg.checkpoint_interval == 0 or step == cfg.steps or timed_out):
+            save_checkpoint(ckpt, generator, optimizer, step, stats)
+        if timed_out:
+            break
+    bar.close()
+    if distributed:  # every rank must hold the same weights after the same updates
+        prints = [None] * world
+        dist.all_gather_object(prints, generator.fingerprint())
+        if len(set(prints)) != 1:
+            raise RuntimeError(f"ranks diverged: {prints}")
+        log.info("all %d ranks hold generator %s", world, prints[0])
+    if rank == 0:
+        finish(cfg, out, generator, base.fingerprint, step, stats, model.device)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def finish(cfg, out: Path, generator, base_fingerprint, step, stats, device) -> None:
+    """Write the generator with its provenance, and the loss curves."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    generator.config.extra = {
+        "train_config": asdict(cfg),
+        "steps": step,
+        "tokens": stats["tokens"],
+        "wall_seconds": round(stats["seconds"], 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "data": json.loads((Path(cfg.data_dir) / "summary.json").read_text()),
+        "last_eval": evals[-1] if evals else None,
+    }
+    generator.save_pretrained(out / "generator", base_fingerprint, dtype=torch.bfloat16)
+    plot_curves(out / "log.jsonl", out / "loss.png")
+    log.info("wrote %s", out / "generator")
+
+
+def parse_config(argv) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="JSON file of TrainConfig values")
+    known, rest = p.parse_known_args(argv)
+    values = json.loads(Path(known.config).read_text()) if known.config else {}
+    # Any field can be overridden: --steps 500 --task_mix '{"completion": 1}'
+    it = iter(rest)
+    for flag in it:
+        key = flag.lstrip("-").replace("-", "_")
+        if key not in TrainConfig.__dataclass_fields__:
+            p.error(f"unknown option {flag}")
+        raw = next(it)
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        p.error(f"unknown config keys: {sorted(unknown)}")
+    cfg = TrainConfig(**values)
+    cfg.targets = tuple(cfg.targets)
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
