@@ -31,11 +31,39 @@ def setup(model, tmp_path_factory):
 
 def train(out, base, data, *extra, nproc=1):
     args = [
-        "--out_dir", str(out), "--base", str(base), "--data_dir", str(data), "--dtype", "float32",
-        "--steps", "4", "--chunk_tokens", "64", "--context_min", "32", "--context_max", "160",
-        "--target_tokens", "48", "--r1", "8", "--r2", "8", "--eval_interval", "100",
-        "--eval_samples", "1", "--log_interval", "1", "--checkpoint_interval", "1",
-        "--task_mix", '{"completion": 0.4, "reconstruction": 0.3, "qa": 0.3}', *extra,
+        "--out_dir",
+        str(out),
+        "--base",
+        str(base),
+        "--data_dir",
+        str(data),
+        "--dtype",
+        "float32",
+        "--steps",
+        "4",
+        "--chunk_tokens",
+        "64",
+        "--context_min",
+        "32",
+        "--context_max",
+        "160",
+        "--target_tokens",
+        "48",
+        "--r1",
+        "8",
+        "--r2",
+        "8",
+        "--eval_interval",
+        "100",
+        "--eval_samples",
+        "1",
+        "--log_interval",
+        "1",
+        "--checkpoint_interval",
+        "1",
+        "--task_mix",
+        '{"completion": 0.4, "reconstruction": 0.3, "qa": 0.3}',
+        *extra,
     ]
     launcher = [sys.executable]
     if nproc > 1:
@@ -43,7 +71,10 @@ def train(out, base, data, *extra, nproc=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out_ = subprocess.run(
         [*launcher, str(ROOT / "training" / "train.py"), *args],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert out_.returncode == 0, out_.stderr[-3000:]
     return out_
@@ -57,7 +88,8 @@ def test_resume_is_exact(setup, tmp_path):
     base, data = setup
     train(tmp_path / "straight", base, data)
     train(tmp_path / "resumed", base, data, "--stop_after", "2")
-    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in lines]
     assert max(r["step"] for r in log) == 2  # really stopped half way
     train(tmp_path / "resumed", base, data)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
