@@ -48,17 +48,9 @@ def _absorb_file(session, path: str) -> None:
     )
 
 
-def kv_cache_bytes(model, tokens: int) -> int:
-    """Bytes the base's KV cache needs to hold `tokens` tokens of context in the prompt."""
-    c = model.base.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
-    return per_token * tokens * model.base.dtype.itemsize
-
-
 def _stats(session) -> str:
     s = session.state
-    kv = kv_cache_bytes(session.model, s.tokens)
+    kv = session.model.kv_cache_bytes(s.tokens)
     return (
         f"documents {s.documents}, tokens {s.tokens}, chunks {s.chunks}, "
         f"turns {len(session.messages) // 2}; state {session.nbytes / 1024:.0f} KiB "
@@ -158,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     absorb.add_argument("files", nargs="+", metavar="FILE")
     absorb.add_argument("--out", required=True, metavar="DIR", help="where to save the session")
     absorb.set_defaults(run=cmd_absorb)
+
+    from .server import add_serve_parser
+
+    add_serve_parser(sub, model_args)
     return parser
 
 

@@ -21,6 +21,9 @@ from .text import chunked, token_stream
 
 log = logging.getLogger(__name__)
 
+# The trained generator for the embedded default base, shipped inside the package.
+SHIPPED_GENERATOR = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
+
 
 @dataclass
 class AbsorbStats:
@@ -56,6 +59,13 @@ class AdaptedModel:
     @property
     def max_positions(self) -> int:
         return self.base.config.max_position_embeddings
+
+    def kv_cache_bytes(self, tokens: int) -> int:
+        """Bytes the base's KV cache needs to hold `tokens` tokens of context in the prompt."""
+        c = self.base.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
+        return per_token * tokens * self.base.dtype.itemsize
 
     def new_state(self) -> AdapterState:
         return AdapterState.zeros(self.generator.state_shapes(), self.device)
@@ -187,11 +197,13 @@ def load(
     if quantize is not None:
         raise NotImplementedError("quantized bases are not supported yet; use quantize=None")
     loaded = load_base(base, device=device, dtype=dtype)
+    if generator is None and base is None and (SHIPPED_GENERATOR / "config.json").is_file():
+        generator = SHIPPED_GENERATOR
     if generator is not None:
         gen = Generator.from_pretrained(Path(generator), loaded.fingerprint)
     else:
         log.warning(
-            "No trained generator is packaged yet: using a fresh one whose B is zero, so every "
+            "No trained generator for this base: using a fresh one whose B is zero, so every "
             "session answers exactly like the base model. Pass generator=PATH to use a trained one."
         )
         gen = Generator.for_base(loaded.model, GeneratorConfig())

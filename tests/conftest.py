@@ -22,8 +22,15 @@ def default_dir():
 
 @pytest.fixture(scope="session")
 def model():
-    """The default base with the default (untrained, B = 0) generator."""
+    """The default base with the default generator, as `genadapter.load()` gives it."""
     return genadapter.load(device="cpu", dtype=torch.float32, chunk_tokens=TEST_CHUNK)
+
+
+@pytest.fixture(scope="session")
+def untrained_model():
+    """The default base with a fresh generator (B = 0)."""
+    base = load_base(None, device="cpu", dtype=torch.float32)
+    return AdaptedModel(base, Generator.for_base(base.model), chunk_tokens=TEST_CHUNK)
 
 
 @pytest.fixture(scope="session")
