@@ -1,0 +1,65 @@
+"""`genadapter serve`: the HTTP server on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "GENADAPTER_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not is_loopback(args.host) and not args.api_key:
+        raise ValueError(
+            f"binding {args.host} exposes the server beyond this machine: give --api-key "
+            f"(or set {API_KEY_ENV})"
+        )
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    import uvicorn
+
+    from ..cli import _load_model
+    from .app import ServerConfig, create_app
+
+    config = ServerConfig(
+        api_key=args.api_key or None,
+        max_document_bytes=args.max_document_bytes,
+        max_document_tokens=args.max_document_tokens,
+        max_batch=args.max_batch,
+    )
+    app = create_app(_load_model(args), args.store, config)
+    logging.getLogger("genadapter").setLevel(logging.INFO)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def add_serve_parser(sub, model_args) -> None:
+    """Register `serve` on the CLI's subparsers; `model_args` adds the shared model options."""
+    serve = sub.add_parser("serve", help="HTTP server: sessions and OpenAI-compatible chat")
+    model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--store", required=True, metavar="DIR", help="where sessions are kept")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); "
+        "required when binding a non-loopback address",
+    )
+    serve.add_argument("--max-document-bytes", type=int, default=4 << 20)
+    serve.add_argument("--max-document-tokens", type=int, default=1 << 20)
+    serve.add_argument("--max-batch", type=int, default=32, help="chats decoded together")
+    serve.set_defaults(run=cmd_serve)
