@@ -66,6 +66,20 @@ def pick_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.d
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def pick_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """flash_attention_2 when the flash-attn package imports and the model runs on a GPU in 16
+    bits (what it supports); PyTorch's SDPA otherwise, which has fused kernels of its own."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if importlib.util.find_spec("flash_attn") is not None:
+            try:
+                import flash_attn  # noqa: F401  (installed but broken builds fail here)
+
+                return "flash_attention_2"
+            except ImportError as e:
+                log.warning("flash-attn is installed but does not import (%s); using SDPA", e)
+    return "sdpa"
+
+
 def _converted_default_dir(gguf: Path) -> Path:
     """Dequantize the GGUF file once into a safetensors folder; later loads read that folder."""
     stat = gguf.stat()
@@ -134,7 +148,10 @@ def load_base(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn_implementation or "sdpa", **kwargs
+        folder,
+        dtype=dtype,
+        attn_implementation=attn_implementation or pick_attention(device, dtype),
+        **kwargs,
     )
     if model.config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import kernels
 from .generator import Generator, LayerAdapter, find_targets
 
 
@@ -38,10 +39,14 @@ class AdaptedLinear(nn.Module):
         self.__dict__["binding"] = binding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         b = self.binding
+        if b.s_hat is not None and b.sums is None:
+            fused = fused_decode(x, self.base, self.adapter, b.s_hat[self.name])
+            if fused is not None:
+                return fused
+        y = self.base(x)
         if b.sums is not None:
-            kv = self.adapter.kv_sums(x, b.token_mask)
+            kv = kv_sums(x, self.adapter, b.token_mask)
             b.sums[self.name] = b.sums[self.name] + kv if self.name in b.sums else kv
         if b.s_hat is not None:
             y = y + lowrank_delta(x, self.adapter, b.s_hat[self.name]).to(y.dtype)
@@ -49,8 +54,31 @@ class AdaptedLinear(nn.Module):
 
 
 def lowrank_delta(x: torch.Tensor, adapter: LayerAdapter, s_hat: torch.Tensor) -> torch.Tensor:
-    """The one place the delta is computed; a fused kernel can take over here."""
+    """The one place the delta is computed: the CUDA kernels on a GPU when they are built,
+    otherwise (and always on the CPU) the generator's own PyTorch code."""
+    if x.is_cuda and kernels.backend() != "reference":
+        return kernels.lowrank_delta(x, adapter.A, adapter.B, s_hat, adapter.alpha)
     return adapter.delta(x, s_hat)
+
+
+def kv_sums(x: torch.Tensor, adapter: LayerAdapter, token_mask: torch.Tensor | None):
+    """The context pass's K^T V sums, dispatched like lowrank_delta."""
+    if x.is_cuda and kernels.backend() != "reference":
+        return kernels.kv_sums(x, adapter.norm, adapter.Wk, adapter.Wv, token_mask, adapter.eps)
+    return adapter.kv_sums(x, token_mask)
+
+
+def fused_decode(
+    x: torch.Tensor, base: nn.Module, adapter: LayerAdapter, s_hat: torch.Tensor
+) -> torch.Tensor | None:
+    """Base matmul and delta in one pass over an NF4 weight (decode on a GPU), or None when
+    that path does not apply."""
+    weight = kernels.fused_nf4_weight(base, x, adapter.A, adapter.B, s_hat)
+    if weight is None:
+        return None
+    return kernels.nf4_lowrank_linear(
+        x, weight, base.bias, adapter.A, adapter.B, s_hat, adapter.alpha
+    )
 
 
 def inject(model: nn.Module, generator: Generator) -> Binding:

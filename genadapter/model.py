@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base import Base, load_base
+from .base import Base, load_base, pick_device
 from .generator import Generator, GeneratorConfig
 from .layers import Binding, bound, inject
+from .quantize import check_mode, quantize_base
 from .state import AdapterState
 from .text import chunked, token_stream
 
@@ -191,12 +192,18 @@ def load(
     dtype: torch.dtype | str | None = None,
     chunk_tokens: int | None = None,
     chunk_batch: int = 4,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
 ) -> AdaptedModel:
-    """Load a frozen base (default: the embedded SmolLM2-135M-Instruct) and a generator."""
-    if quantize is not None:
-        raise NotImplementedError("quantized bases are not supported yet; use quantize=None")
+    """Load a frozen base (default: the embedded SmolLM2-135M-Instruct) and a generator.
+
+    `quantize` is "nf4", "int8" or None for the base's decoder layers (bitsandbytes); "auto" means
+    nf4 on CUDA and None elsewhere."""
+    if quantize == "auto":
+        quantize = "nf4" if pick_device(device).type == "cuda" else None
+    check_mode(quantize)
     loaded = load_base(base, device=device, dtype=dtype)
+    if quantize is not None:  # before inject(), so the adapted layers wrap the quantized ones
+        quantize_base(loaded.model, quantize)
     if generator is None and base is None and (SHIPPED_GENERATOR / "config.json").is_file():
         generator = SHIPPED_GENERATOR
     if generator is not None:
