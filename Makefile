@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # requirements are then already satisfied instead of pulling a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test lint format train training-data
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,18 @@ lint: setup
 
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+# Reproduce the shipped generator: Debian corpora -> token shards -> training -> packaged checkpoint.
+CORPORA_PACKAGES := python3-doc debian-reference-en dict-foldoc dict-gcide wordnet manpages
+SHIPPED := genadapter/checkpoints/smollm2-135m-instruct
+RUN := training/runs/smollm2-135m
+
+training-data: setup
+	dpkg -s $(CORPORA_PACKAGES) >/dev/null 2>&1 || \
+		(apt-get update -q && apt-get install -y -q $(CORPORA_PACKAGES))
+	$(PY) training/prepare_data.py --out training/data
+
+train: training-data
+	$(PY) training/train.py --config training/configs/smollm2-135m.json
+	mkdir -p $(SHIPPED)
+	cp $(RUN)/generator/config.json $(RUN)/generator/generator.safetensors $(SHIPPED)/

@@ -110,8 +110,8 @@ class Session:
         """Template the conversation; drop the oldest turns while it does not fit the window."""
         tok = self.model.tokenizer
         while True:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tok.encode(text, add_special_tokens=False)
             if len(ids) + max_new_tokens <= self.model.max_positions or len(messages) <= 1:
                 return ids
             messages = messages[2:]
