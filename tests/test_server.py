@@ -273,8 +273,8 @@ def test_slow_reader_holds_up_nobody_and_disconnect_frees_its_row(server):
     long = {"messages": ask("Write a long story."), "session_id": sid, "max_tokens": 4000}
     long["temperature"] = 0  # greedy: this answer runs on for far longer than the test
     with server.http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
-        first = next(r.iter_lines())
-        assert first.startswith("data: ")
+        lines = r.iter_lines()  # kept: dropping the iterator would close the connection
+        assert next(lines).startswith("data: ")
         # The slow stream is unread; another chat still completes.
         quick = server.openai.chat.completions.create(
             model="any", messages=ask("Hi"), max_tokens=4, temperature=0

@@ -426,7 +426,10 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "pending": worker.pending}
+        steps = worker.steps
+        batch = {"decode_steps": steps, "rows": worker.step_rows, "max_rows": worker.max_rows}
+        batch["mean_rows"] = round(worker.step_rows / steps, 2) if steps else 0.0
+        return {"status": "ok", "model": model_name, "pending": worker.pending, "batch": batch}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -75,6 +75,7 @@ class ModelWorker:
         self._waiting: deque[ChatJob] = deque()
         self._encodes: deque[_EncodeJob] = deque()
         self._rows: list[_Row] = []
+        self._admitting = 0  # chats in their prefill, between the waiting queue and the batch
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cache length): 1 = real token
         self._eos = end_of_sequence_ids(model)
@@ -101,7 +102,8 @@ class ModelWorker:
     @property
     def pending(self) -> int:
         """Chats admitted or waiting, and documents being encoded."""
-        return self._inbox.qsize() + len(self._waiting) + len(self._rows) + len(self._encodes)
+        queued = self._inbox.qsize() + len(self._waiting) + len(self._encodes)
+        return queued + self._admitting + len(self._rows)
 
     # -- requests (any thread) ----------------------------------------------------------------
 
@@ -197,8 +199,16 @@ class ModelWorker:
     def _admit(self) -> None:
         """Prefill waiting chats in one left-padded forward and merge them into the batch."""
         take = min(self._free_rows(), len(self._waiting))
-        jobs = [self._waiting.popleft() for _ in range(take)]
-        jobs = [j for j in jobs if not self._drop_early(j)]
+        jobs = [j for j in list(self._waiting)[:take] if not self._drop_early(j)]
+        self._admitting = len(jobs)
+        for _ in range(take):
+            self._waiting.popleft()
+        try:
+            self._prefill(jobs)
+        finally:
+            self._admitting = 0
+
+    def _prefill(self, jobs: list[ChatJob]) -> None:
         if not jobs:
             return
         dev = self.model.device
