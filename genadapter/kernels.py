@@ -208,18 +208,25 @@ def backend() -> str:
 
 
 def lowrank_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s_hat: torch.Tensor, alpha: float
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s_hat: torch.Tensor,
+    alpha: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha * B (S_hat^T (A x)) per sequence. The reference returns float32; the kernel returns
-    x's dtype (accumulating in float32), which the caller casts to anyway."""
+    x's dtype (accumulating in float32), which the caller casts to anyway. `out` (x's dtype),
+    when given, receives it."""
     ext = _kernel_for(x, A, B, s_hat)
-    seqs = _sequences(x, s_hat, B.shape[1])
-    if ext is None or seqs is None:
-        return lowrank_delta_reference(x, A, B, s_hat, alpha)
+    if ext is None or _sequences(x, s_hat, B.shape[1]) is None:
+        y = lowrank_delta_reference(x, A, B, s_hat, alpha)
+        return y if out is None else out.copy_(y)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(x2d.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
-    ext.lowrank_delta(x2d, _f32(A), _f32(B), _f32(s_hat), float(alpha), out)
-    return out.reshape(*x.shape[:-1], B.shape[0])
+    if out is None:
+        out = torch.empty(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
+    ext.lowrank_delta(x2d, _f32(A), _f32(B), _f32(s_hat), float(alpha), out.view(-1, B.shape[0]))
+    return out
 
 
 def nf4_lowrank_linear(
@@ -235,11 +242,15 @@ def nf4_lowrank_linear(
     """dequant(W) x + bias + alpha * B (S_hat^T (A x)) in x's dtype, reading W's NF4 layout in
     place (decode: a few tokens for each of many sequences). `out`, when given, receives it."""
     ext = _kernel_for(x, A, B, s_hat)
-    seqs = _sequences(x, s_hat, B.shape[1])
     rows, cols = weight.shape
-    if ext is None or seqs is None or x.shape[-1] != cols or weight.blocksize % 8:
+    if (
+        ext is None
+        or _sequences(x, s_hat, B.shape[1]) is None
+        or x.shape[-1] != cols
+        or weight.blocksize % 8
+    ):
         y = nf4_lowrank_linear_reference(x, weight, bias, A, B, s_hat, alpha)
-        return y if out is None else out.copy_(y.reshape(out.shape))
+        return y if out is None else out.copy_(y)
     x2d = x.reshape(-1, cols).contiguous()
     if out is None:
         out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
@@ -270,13 +281,16 @@ def kv_sums(
     Wv: torch.Tensor,
     token_mask: torch.Tensor | None,
     eps: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per sequence, sum over its unmasked tokens of k v^T, k = RMSNorm(x) Wk^T and
-    v = RMSNorm(x) Wv^T: (b, t, d_in) -> (b, r1, r2), float32."""
+    v = RMSNorm(x) Wv^T: (b, t, d_in) -> (b, r1, r2), float32 (into `out` when given)."""
     ext = _kernel_for(x, norm, Wk, Wv)
-    if ext is None or x.dim() != 3 or x.dtype not in _FLOAT_TYPES:
-        return kv_sums_reference(x, norm, Wk, Wv, token_mask, eps)
-    out = torch.empty(x.shape[0], Wk.shape[0], Wv.shape[0], device=x.device)
+    if ext is None or x.dim() != 3:
+        s = kv_sums_reference(x, norm, Wk, Wv, token_mask, eps)
+        return s if out is None else out.copy_(s)
+    if out is None:
+        out = torch.empty(x.shape[0], Wk.shape[0], Wv.shape[0], device=x.device)
     ext.kv_sums(x.contiguous(), _f32(norm), _f32(Wk), _f32(Wv), token_mask, float(eps), out)
     return out
 
