@@ -32,14 +32,16 @@ format: setup
 # Reproduce the shipped generator: Debian corpora -> token shards -> training -> packaged checkpoint.
 CORPORA_PACKAGES := python3-doc debian-reference-en dict-foldoc dict-gcide wordnet manpages
 SHIPPED := genadapter/checkpoints/smollm2-135m-instruct
-RUN := training/runs/smollm2-135m
+RUN := training/runs/smollm2-135m-instruct
 
 training-data: setup
 	dpkg -s $(CORPORA_PACKAGES) >/dev/null 2>&1 || \
 		(apt-get update -q && apt-get install -y -q $(CORPORA_PACKAGES))
 	$(PY) training/prepare_data.py --out training/data
 
+# Two stages, as in the paper: self-supervised pretraining, then instruction tuning from it.
 train: training-data
 	$(PY) training/train.py --config training/configs/smollm2-135m.json
+	$(PY) training/train.py --config training/configs/smollm2-135m-instruct.json
 	mkdir -p $(SHIPPED)
 	cp $(RUN)/generator/config.json $(RUN)/generator/generator.safetensors $(SHIPPED)/

@@ -115,8 +115,9 @@ def weights_fingerprint(model: PreTrainedModel) -> str:
     config = model.config.to_dict()
     keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     h = hashlib.sha256(json.dumps({k: config.get(k) for k in keep}, sort_keys=True).encode())
-    emb = model.get_input_embeddings().weight
-    h.update(emb[:8].detach().float().cpu().numpy().tobytes())
+    # Rounded to bfloat16 so the same weights loaded in float32 or bfloat16 match.
+    emb = model.get_input_embeddings().weight[:8].detach().to(torch.bfloat16).float()
+    h.update(emb.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

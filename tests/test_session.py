@@ -134,3 +134,9 @@ def test_generator_of_other_shape_is_refused(tmp_path):
     with pytest.raises(GeneratorFormatError, match="does not match"):
         Generator.from_pretrained(tmp_path / "gen", base.fingerprint)
     AdaptedModel(base, small)  # the unmodified small generator itself is fine
+
+
+def test_base_fingerprint_does_not_depend_on_dtype(random_model):
+    # A generator trained on a bfloat16 base must load onto the float32 base and back.
+    bf16 = load_base(None, device="cpu", dtype=torch.bfloat16)
+    assert bf16.fingerprint == random_model.base_fingerprint

@@ -67,6 +67,7 @@ class TrainConfig:
     context_min: int = 128
     context_max: int = 1024
     target_tokens: int = 256
+    qa_distractors: int = 2  # up to this many other entities around the one asked about
     task_mix: dict = field(
         default_factory=lambda: {"completion": 0.5, "reconstruction": 0.5, "qa": 0.0}
     )
@@ -118,7 +119,8 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
     probs = np.asarray([cfg.task_mix[t] for t in tasks], dtype=float)
     task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
     if task == "qa":
-        ex = make_example(random.Random(int(rng.integers(1 << 62))))
+        distractors = int(rng.integers(0, cfg.qa_distractors + 1))
+        ex = make_example(random.Random(int(rng.integers(1 << 62))), distractors=distractors)
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": ex.question}], add_generation_prompt=True, tokenize=False
         )
