@@ -30,15 +30,16 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "examples" / "data" / "lighthouse.md"
+# Prompts that invite long answers, so most requests run to max_tokens in both modes.
 QUESTIONS = [
-    "What is this document about?",
-    "Name one person mentioned.",
-    "Which year is mentioned first?",
-    "Describe the place in one sentence.",
-    "What happened at the end?",
-    "List two facts from it.",
-    "Who built it?",
-    "Why does it matter?",
+    "Tell me everything this document says, in detail.",
+    "Write a long story set in the place the document describes.",
+    "Explain the history in the document step by step.",
+    "Describe the people in the document at length.",
+    "Write a detailed essay about the document.",
+    "List every fact you know about the subject, one per line.",
+    "Write a long letter to a friend about the document.",
+    "Give a long, detailed summary of the document.",
 ]
 
 
