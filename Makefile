@@ -31,7 +31,7 @@ format: setup
 
 # Reproduce the shipped generator: Debian corpora -> token shards -> training -> packaged checkpoint.
 CORPORA_PACKAGES := python3-doc debian-reference-en dict-foldoc dict-gcide wordnet manpages
-SHIPPED := genadapter/checkpoints/smollm2-135m-instruct
+SHIPPED := training/checkpoints/smollm2-135m-v0
 RUN := training/runs/smollm2-135m-instruct
 
 training-data: setup
