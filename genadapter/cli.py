@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_serve_parser
 
     add_serve_parser(sub, model_args)
+
+    from .bench import add_bench_parser
+    from .eval.runner import add_eval_parser
+
+    add_eval_parser(sub, model_args)
+    add_bench_parser(sub, model_args)
     return parser
 
 

@@ -1,0 +1,476 @@
+"""`genadapter bench`: what absorbing context into parameters costs and saves, as ratios of
+measurements taken side by side in one process (same model, same inputs, alternating runs, best of
+`repeats`), so a busy or slow machine changes the figures less than the ratios.
+
+1. absorb: tokens/s of Session.absorb over tokens/s of a plain no-grad forward of the frozen base's
+   body (what absorb runs; it skips the LM head) over the same chunks. 1.0 is the limit.
+2. decode: per-token latency of a session with a state, an empty session (both through the
+   library's decoding loop) and the unwrapped path (the base called directly, nothing bound).
+3. against prompting, for contexts of 512, 2K and 8K tokens: time to the first token of a question
+   and decode tokens/s with the context absorbed, in the prompt recomputed per question, and in the
+   prompt with its prefix KV cache reused; memory of the state against the KV cache.
+4. batches of N sessions with distinct states decoded together (generate_batch) against the same
+   batch with no states.
+
+Runs unchanged on CUDA (timings synchronize the device)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .generation import SamplingParams, generate_batch, generate_ids
+from .model import AdaptedModel
+from .state import AdapterState, atomic_write
+from .text import chunked, token_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    absorb_chunks: int  # chunks of model.chunk_tokens for the absorb measurement
+    decode_tokens: int  # tokens decoded per latency measurement
+    contexts: tuple[int, ...]  # context lengths compared with prompting
+    batch_sizes: tuple[int, ...]  # sessions decoded together
+    batch_tokens: int
+    repeats: int  # best of this many runs of the short measurements
+
+
+SIZES = {
+    "default": BenchSize(8, 16, (512, 2048, 8192), (1, 8, 32), 16, 2),
+    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1),
+}
+QUESTION = "Which company built the harbour crane, and in which year?"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(model: AdaptedModel) -> float:
+    _sync(model.device)
+    return time.perf_counter()
+
+
+def _bench_text(model: AdaptedModel, tokens: int, seed: int = 0) -> list[int]:
+    """`tokens` token ids of generated English prose (documents about invented entities)."""
+    from .eval.fictional import NameMaker, entity_document
+
+    rng = random.Random(f"bench:{seed}")
+    names = NameMaker(rng)
+    documents, chars = [], 0
+    while chars < 6 * tokens:  # English prose: about 4 to 5 characters per token
+        documents.append(entity_document(names, rng)[0])
+        chars += len(documents[-1])
+    ids = model.tokenizer.encode("\n\n".join(documents), add_special_tokens=False)
+    if len(ids) < tokens:
+        raise RuntimeError("generated too little text for the benchmark")
+    return ids[:tokens]
+
+
+def _chat_ids(model: AdaptedModel, context: str | None) -> list[int]:
+    from .eval.runner import chat_ids, chat_message
+
+    return chat_ids(model.tokenizer, chat_message(QUESTION, context))
+
+
+def kv_bytes(cache: DynamicCache) -> int:
+    """Bytes held by a KV cache's key and value tensors."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+
+
+@dataclass
+class Timing:
+    ttft: float  # seconds to the first token
+    per_token: float  # seconds per later token
+    tokens: list[int]
+    cache: DynamicCache
+
+
+@torch.no_grad()
+def timed_greedy(
+    model: AdaptedModel,
+    ids: list[int],
+    state: AdapterState | None,
+    new_tokens: int,
+    cache: DynamicCache | None = None,
+) -> Timing:
+    """Greedy decoding of exactly new_tokens tokens (end of sequence ignored) after `ids`, which
+    continue `cache` when given."""
+    cache = cache if cache is not None else DynamicCache()
+    x = torch.tensor([ids], device=model.device)
+    tokens = []
+    with model.bind_states([state]):
+        start = _clock(model)
+        token = (
+            model.base(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+        )
+        first = _clock(model)
+        for _ in range(new_tokens - 1):
+            tokens.append(token)
+            out = model.base(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            token = out.logits[0, -1].argmax()
+        end = _clock(model)
+    tokens = [int(t) for t in [*tokens, token]]
+    return Timing(first - start, (end - first) / max(new_tokens - 1, 1), tokens, cache)
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of a cache."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _best(runs: list[float]) -> float:
+    return min(runs)
+
+
+# -- 1. absorb throughput ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
+    n = model.chunk_tokens
+    text = model.tokenizer.decode(_bench_text(model, size.absorb_chunks * n))
+    # The very chunks absorb makes of the text, batched and right-padded as absorb does.
+    chunks = list(chunked(token_stream(model.tokenizer, text), n))
+    batches = [
+        _padded(model, chunks[i : i + model.chunk_batch])
+        for i in range(0, len(chunks), model.chunk_batch)
+    ]
+    forward_tokens = sum(map(len, chunks))
+    absorb_runs, forward_runs, tokens = [], [], 0
+    model.base.base_model(input_ids=batches[0][0][:1, :16])  # warm up
+    for _ in range(size.repeats):
+        session = model.session()
+        start = _clock(model)
+        tokens = session.absorb(text).tokens
+        absorb_runs.append(_clock(model) - start)
+        start = _clock(model)
+        for ids, mask in batches:
+            model.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        forward_runs.append(_clock(model) - start)
+    absorb_tps = tokens / _best(absorb_runs)
+    forward_tps = forward_tokens / _best(forward_runs)
+    return {
+        "tokens": tokens,
+        "forward_tokens": forward_tokens,
+        "chunk_tokens": n,
+        "chunk_batch": model.chunk_batch,
+        "absorb_tokens_per_s": absorb_tps,
+        "forward_tokens_per_s": forward_tps,
+        "ratio": absorb_tps / forward_tps,
+    }
+
+
+def _padded(model: AdaptedModel, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, chunks))
+    ids = torch.full((len(chunks), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(chunks), width), dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+    return ids.to(model.device), mask.to(model.device)
+
+
+# -- 2. decode latency ---------------------------------------------------------------------------
+
+
+def _library_decode(model: AdaptedModel, ids: list[int], state, n: int) -> float:
+    """Seconds per token after the first, through the library's decoding loop."""
+    stamps = []
+    for _ in generate_ids(model, ids, state, SamplingParams(max_new_tokens=n)):
+        stamps.append(_clock(model))
+    if len(stamps) < 2:
+        raise RuntimeError("the model ended its answer before two tokens; use another prompt")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+@torch.no_grad()
+def _unwrapped_decode(model: AdaptedModel, ids: list[int], n: int) -> float:
+    cache = DynamicCache()
+    x = torch.tensor([ids], device=model.device)
+    token = model.base(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+    first = _clock(model)
+    for _ in range(n - 1):
+        out = model.base(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+        token = out.logits[0, -1].argmax()
+    return (_clock(model) - first) / max(n - 1, 1)
+
+
+def bench_decode(model: AdaptedModel, size: BenchSize, state: AdapterState) -> dict:
+    # A raw prose prompt: a continuation rarely ends early, so every run decodes n tokens.
+    ids = _bench_text(model, 48, seed=1)
+    n = size.decode_tokens
+    runs = {"state": [], "empty": [], "unwrapped": []}
+    for _ in range(size.repeats):
+        runs["state"].append(_library_decode(model, ids, state, n))
+        runs["empty"].append(_library_decode(model, ids, model.new_state(), n))
+        runs["unwrapped"].append(_unwrapped_decode(model, ids, n))
+    best = {k: _best(v) for k, v in runs.items()}
+    return {
+        "prompt_tokens": len(ids),
+        "new_tokens": n,
+        "ms_per_token": {k: 1000 * v for k, v in best.items()},
+        "state_over_unwrapped": best["state"] / best["unwrapped"],
+        "empty_over_unwrapped": best["empty"] / best["unwrapped"],
+    }
+
+
+# -- 3. against prompting ------------------------------------------------------------------------
+
+
+def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -> dict:
+    n = size.decode_tokens
+    question_ids = _chat_ids(model, None)
+    # Room for the question's template and the answer inside the window.
+    fit = model.max_positions - len(question_ids) - n - 8
+    ids = _bench_text(model, min(context_tokens, fit), seed=2)
+    context = model.tokenizer.decode(ids)
+    prompt_ids = _chat_ids(model, context)
+    # The part of the prompt a prefix cache can reuse: what two different questions share.
+    other = chat_ids_with(model, context, "What did the expedition find?")
+    prefix = next((i for i, (a, b) in enumerate(zip(prompt_ids, other)) if a != b), len(prompt_ids))
+    start = _clock(model)
+    session = model.session()
+    session.absorb(context)
+    absorb_s = _clock(model) - start
+    start = _clock(model)
+    prefix_cache = timed_greedy(model, prompt_ids[:prefix], None, 1).cache
+    prefill_s = _clock(model) - start
+    cached_kv = kv_bytes(prefix_cache)
+    runs: dict[str, list[Timing]] = {"adapter": [], "prompt": [], "prompt_cached": []}
+    for _ in range(size.repeats if context_tokens <= 2048 else 1):
+        runs["adapter"].append(timed_greedy(model, question_ids, session.state, n))
+        runs["prompt"].append(timed_greedy(model, prompt_ids, None, n))
+        runs["prompt_cached"].append(
+            timed_greedy(model, prompt_ids[prefix:], None, n, prefix_cache)
+        )
+        _crop(prefix_cache, prefix)  # back to the shared prefix for the next question
+    out = {
+        "context_tokens": len(ids),
+        "prompt_tokens": len(prompt_ids),
+        "question_tokens": len(question_ids),
+        "reused_prefix_tokens": prefix,
+        "absorb_seconds": absorb_s,
+        "prefix_prefill_seconds": prefill_s,
+        "state_bytes": session.nbytes,
+        "kv_cache_bytes": cached_kv,
+    }
+    for k, v in runs.items():
+        ttft, per_token = _best([t.ttft for t in v]), _best([t.per_token for t in v])
+        out[k] = {"ttft_ms": 1000 * ttft, "decode_tokens_per_s": 1 / per_token}
+    # The reused cache must do the same work as recomputing: the same greedy tokens.
+    out["cached_matches_recompute"] = runs["prompt"][0].tokens == runs["prompt_cached"][0].tokens
+    out["ttft_prompt_over_adapter"] = out["prompt"]["ttft_ms"] / out["adapter"]["ttft_ms"]
+    out["ttft_cached_over_adapter"] = out["prompt_cached"]["ttft_ms"] / out["adapter"]["ttft_ms"]
+    out["decode_adapter_over_prompt"] = (
+        out["adapter"]["decode_tokens_per_s"] / out["prompt"]["decode_tokens_per_s"]
+    )
+    out["kv_over_state_bytes"] = cached_kv / session.nbytes
+    return out
+
+
+def chat_ids_with(model: AdaptedModel, context: str, question: str) -> list[int]:
+    from .eval.runner import chat_ids, chat_message
+
+    return chat_ids(model.tokenizer, chat_message(question, context))
+
+
+# -- 4. batched sessions -------------------------------------------------------------------------
+
+
+def _batch_step_seconds(model, prompts, states, tokens: int) -> tuple[float, int]:
+    """Seconds per decoding step after the first (prefill) step, and tokens produced."""
+    params = [SamplingParams(max_new_tokens=tokens) for _ in prompts]
+    stamps, produced = [], 0
+    for step in generate_batch(model, prompts, states, params):
+        stamps.append(_clock(model))
+        produced += len(step)
+    return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), produced
+
+
+def bench_batch(model: AdaptedModel, size: BenchSize) -> list[dict]:
+    most = max(size.batch_sizes)
+    ids = _bench_text(model, most * 48, seed=3)
+    # Distinct sessions: each absorbed its own 32 tokens; each continues its own 16-token prompt.
+    states = [
+        model.encode(model.tokenizer.decode(ids[i * 48 : i * 48 + 32]))[0] for i in range(most)
+    ]
+    prompts = [ids[i * 48 + 32 : i * 48 + 48] for i in range(most)]
+    rows = []
+    for n in size.batch_sizes:
+        with_states, without = [], []
+        for _ in range(size.repeats):
+            with_states.append(
+                _batch_step_seconds(model, prompts[:n], states[:n], size.batch_tokens)
+            )
+            without.append(_batch_step_seconds(model, prompts[:n], [None] * n, size.batch_tokens))
+        step_s, step0_s = _best([r[0] for r in with_states]), _best([r[0] for r in without])
+        rows.append(
+            {
+                "sessions": n,
+                "tokens_per_s_states": n / step_s,
+                "tokens_per_s_no_states": n / step0_s,
+                "step_ratio": step_s / step0_s,
+            }
+        )
+    return rows
+
+
+# -- run, report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_bench(
+    model: AdaptedModel, size: str | BenchSize = "default", progress: bool = True
+) -> dict:
+    """All four measurements; a JSON-ready dict."""
+    size = SIZES[size] if isinstance(size, str) else size
+    steps = 3 + len(size.contexts)
+    results = {
+        "machine": machine(),
+        "device": str(model.device),
+        "dtype": str(model.base.dtype).removeprefix("torch."),
+        "base": model.base_name,
+        "generator": model.generator_fingerprint,
+        "size": asdict(size),
+    }
+    start = time.perf_counter()
+    with tqdm(total=steps, desc="bench", unit="part", disable=not progress) as bar:
+        results["absorb"] = bench_absorb(model, size)
+        bar.update()
+        state = model.encode(model.tokenizer.decode(_bench_text(model, model.chunk_tokens)))[0]
+        results["decode"] = bench_decode(model, size, state)
+        bar.update()
+        results["prompting"] = []
+        for tokens in size.contexts:
+            results["prompting"].append(bench_prompting(model, size, tokens))
+            bar.update()
+        results["batch"] = bench_batch(model, size)
+        bar.update()
+    results["seconds"] = time.perf_counter() - start
+    return results
+
+
+def _ms(x: float) -> str:
+    return f"{x:.1f} ms" if x < 1000 else f"{x / 1000:.2f} s"
+
+
+def format_report(r: dict) -> str:
+    a, d = r["absorb"], r["decode"]
+    ms = d["ms_per_token"]
+    lines = [
+        f"genadapter bench on {r['device']} ({r['machine']['cpu']}, {r['dtype']}), "
+        f"{r['seconds']:.0f} s",
+        "",
+        "1. absorb vs plain base forward over the same chunks",
+        f"   absorb {a['absorb_tokens_per_s']:.0f} tok/s, forward {a['forward_tokens_per_s']:.0f}"
+        f" tok/s  ratio {a['ratio']:.2f}  ({a['tokens']} tokens, chunks of {a['chunk_tokens']})",
+        "",
+        f"2. decode latency per token ({d['new_tokens']} tokens after {d['prompt_tokens']})",
+        f"   session with state {ms['state']:.1f} ms, empty session {ms['empty']:.1f} ms, "
+        f"unwrapped {ms['unwrapped']:.1f} ms",
+        f"   ratio to unwrapped: with state {d['state_over_unwrapped']:.2f}, "
+        f"empty {d['empty_over_unwrapped']:.2f}",
+        "",
+        "3. against prompting (time to first token of a question, decode tokens/s, memory)",
+        "   context  method          TTFT      decode tok/s  memory      one-time cost",
+    ]
+    for p in r["prompting"]:
+        memory = {"adapter": p["state_bytes"], "prompt": p["kv_cache_bytes"]}
+        memory["prompt_cached"] = p["kv_cache_bytes"]
+        once = {
+            "adapter": f"absorb {p['absorb_seconds']:.2f} s",
+            "prompt": "-",
+            "prompt_cached": f"prefill {p['prefix_prefill_seconds']:.2f} s",
+        }
+        for k, label in (
+            ("adapter", "absorbed"),
+            ("prompt", "prompt"),
+            ("prompt_cached", "prompt+cache"),
+        ):
+            lines.append(
+                f"   {p['context_tokens']:>7}  {label:<14}  {_ms(p[k]['ttft_ms']):>8}  "
+                f"{p[k]['decode_tokens_per_s']:>12.1f}  {memory[k] / 2**20:>7.2f} MiB  {once[k]}"
+            )
+        lines.append(
+            f"   {'':>7}  ratios: TTFT prompt/absorbed {p['ttft_prompt_over_adapter']:.1f}, "
+            f"prompt+cache/absorbed {p['ttft_cached_over_adapter']:.2f}; decode absorbed/prompt "
+            f"{p['decode_adapter_over_prompt']:.2f}; KV/state bytes {p['kv_over_state_bytes']:.1f}"
+        )
+    lines += ["", "4. batched decoding: N sessions with distinct states vs the same batch without"]
+    for b in r["batch"]:
+        lines.append(
+            f"   N={b['sessions']:<3} {b['tokens_per_s_states']:8.1f} tok/s with states, "
+            f"{b['tokens_per_s_no_states']:8.1f} without  step time ratio {b['step_ratio']:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def add_bench_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]):
+    """Register `genadapter bench`; model_args adds the CLI's shared model options."""
+    p = sub.add_parser("bench", help="speed and memory of absorbed context against prompting")
+    model_args(p)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for tests")
+    p.add_argument("--out", default="bench-results.json", metavar="FILE", help="JSON results")
+    p.add_argument("--dtype", help="float32, bfloat16, ... (default: the device's default)")
+    p.set_defaults(run=cmd_bench)
+    return p
+
+
+def cmd_bench(args) -> int:
+    import genadapter
+
+    model = genadapter.load(
+        base=args.base,
+        generator=args.generator,
+        device=args.device,
+        dtype=args.dtype,
+        chunk_tokens=args.chunk_tokens,
+    )
+    results = run_bench(model, "quick" if args.quick else "default")
+    print(format_report(results))
+    out = Path(args.out)
+    atomic_write(out, json.dumps(results, indent=1).encode())
+    print(f"wrote {out}")
+    return 0

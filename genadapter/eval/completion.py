@@ -1,0 +1,69 @@
+"""Held-out real documents for the completion task: absorb all but the last K tokens of a document,
+score the last K. Documents come from the installed Debian corpora (genadapter.corpora), only from
+an evaluation split, so training never sees them (see data.is_eval_document)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from .. import corpora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionDocument:
+    doc_id: str
+    context_ids: list[int]  # absorbed (adapter) or put before the target (prompt)
+    target_ids: list[int]  # scored
+
+
+def completion_documents(
+    tokenizer, n: int, context_tokens: int, target_tokens: int, seed: int, split: str = "test"
+) -> list[CompletionDocument]:
+    """n documents spread over the installed corpora, each cut to its first context_tokens +
+    target_tokens tokens; documents shorter than target_tokens + context_tokens // 2 are skipped.
+
+    Fails clearly when no corpus is installed; a missing corpus is skipped with a warning."""
+    if split not in ("dev", "test"):
+        raise ValueError("evaluation documents come from the 'dev' or 'test' split")
+    installed = corpora.available()
+    missing = [c for c in corpora.CORPORA if c not in installed]
+    if missing:
+        log.warning(
+            "corpora not installed, left out of the completion suite: %s (apt-get install %s)",
+            ", ".join(missing),
+            " ".join(corpora.APT_PACKAGES[c] for c in missing),
+        )
+    if not installed:
+        raise FileNotFoundError(
+            "the completion suite needs at least one text corpus: apt-get install "
+            + " ".join(corpora.APT_PACKAGES.values())
+        )
+    queues = []
+    for corpus in installed:
+        texts = dict(corpora.documents(corpus, split))
+        order = sorted(texts)
+        random.Random(f"completion:{seed}:{corpus}").shuffle(order)
+        queues.append(iter([(doc_id, texts[doc_id]) for doc_id in order]))
+    picked: list[CompletionDocument] = []
+    while queues and len(picked) < n:  # round robin, so every corpus is represented
+        for queue in list(queues):
+            doc = _next_long_enough(queue, tokenizer, context_tokens, target_tokens)
+            if doc is None:
+                queues.remove(queue)
+            elif len(picked) < n:
+                picked.append(doc)
+    if len(picked) < n:
+        log.warning("only %d long enough %s documents in the installed corpora", len(picked), split)
+    return picked
+
+
+def _next_long_enough(queue, tokenizer, context_tokens: int, target_tokens: int):
+    for doc_id, text in queue:
+        ids = tokenizer.encode(text, add_special_tokens=False)[: context_tokens + target_tokens]
+        if len(ids) >= target_tokens + context_tokens // 2:
+            return CompletionDocument(doc_id, ids[:-target_tokens], ids[-target_tokens:])
+    return None

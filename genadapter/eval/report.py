@@ -1,0 +1,94 @@
+"""Evaluation output: a table on stdout, the results as JSON, and one bar chart per suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..state import atomic_write
+
+METHOD_ORDER = ("base", "prompt", "adapter", "sft")
+COLOURS = {"base": "#9e9e9e", "prompt": "#1f77b4", "adapter": "#d62728", "sft": "#2ca02c"}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def format_table(results: dict) -> str:
+    """One line per suite row and metric; 'recovered' = (adapter - base) / (prompt - base)."""
+    header = ["suite", "metric", "n", *METHOD_ORDER, "recovered", "adapter s", "prompt s"]
+    lines = [header]
+    for rows in results["suites"].values():
+        for row in rows:
+            m = row["methods"]
+            for metric in row["metrics"]:
+                lines.append(
+                    [
+                        row["name"],
+                        metric + ("" if row["higher_is_better"] else " (lower=better)"),
+                        str(row["n"]),
+                        *(_cell(m[k][metric]) if k in m else "" for k in METHOD_ORDER),
+                        _cell(row["recovered"].get(metric)),
+                        _cell(m["adapter"]["seconds"] + m["adapter"].get("absorb_seconds", 0)),
+                        _cell(m["prompt"]["seconds"]),
+                    ]
+                )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    notes = []
+    for rows in results["suites"].values():
+        for row in rows:
+            sft = row["methods"].get("sft")
+            if sft:
+                notes.append(
+                    f"{row['name']}: sft = LoRA fine-tuned {sft['steps']} steps per context, "
+                    f"{sft['train_seconds']:.1f} s of training in all"
+                )
+    return "\n".join(text + notes)
+
+
+def write_json(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(results, indent=1).encode())
+    return path
+
+
+def write_charts(results: dict, folder: Path) -> list[Path]:
+    """One PNG per suite: the headline metric of each method, one group of bars per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suite, rows in results["suites"].items():
+        if not rows:
+            continue
+        metric = rows[0]["metric"]
+        methods = [k for k in METHOD_ORDER if any(k in r["methods"] for r in rows)]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows) * len(methods) / 3, 3.2))
+        width = 0.8 / len(methods)
+        for j, method in enumerate(methods):
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(rows))]
+            ys = [r["methods"].get(method, {}).get(metric, 0.0) for r in rows]
+            ax.bar(xs, ys, width, label=method, color=COLOURS[method])
+            for x, y in zip(xs, ys):
+                ax.text(x, y, _cell(y), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
+        direction = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
+        ax.set_ylabel(f"{metric} ({direction})")
+        n = sum(r["n"] for r in rows)
+        ax.set_title(f"{suite}: {n} items, limit {results['config']['limit']}", fontsize=9)
+        ax.legend(fontsize=7, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        path = folder / f"{suite}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,503 @@
+"""The evaluation runner: every suite answers the same questions with the same model, chat
+template and greedy decoding, under each method:
+
+* base     no context;
+* prompt   the context in the prompt, before the question (cut to the window, keeping the most
+           recent text);
+* adapter  the context absorbed into a session (one `absorb` per document), then the question;
+* sft      (document QA only) a LoRA fine-tuned on the context for a few steps, then the question.
+
+`run_suites` is the Python entry (also used by training for periodic evaluation);
+`add_eval_parser` registers `genadapter eval`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import AdaptedModel
+from ..session import Session
+from . import metrics
+from .completion import completion_documents
+from .data import Example
+from .demonstrations import icl_examples
+from .fictional import long_example, qa_examples
+from .persona import persona_examples
+from .sft import SFTBaseline
+
+log = logging.getLogger(__name__)
+
+SUITES = ("completion", "qa", "longqa", "icl", "persona")
+METHODS = ("base", "prompt", "adapter", "sft")
+QA_INSTRUCTION = "Answer in a few words."
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of each suite runs."""
+
+    completion_documents: int
+    completion_context: int  # tokens absorbed / put in the prompt
+    completion_target: int  # tokens scored
+    qa_documents: int
+    qa_questions: int  # per document
+    sft_steps: int
+    longqa_lengths: tuple[int, ...]  # tokens of context in all
+    longqa_questions: int  # per length
+    icl_shots: int
+    icl_queries: int  # per task
+    persona_users: int
+    persona_questions: int  # per user
+    max_new_tokens: int  # for short answers
+
+
+LIMITS = {
+    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16),
+    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24),
+    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32),
+}
+
+
+def resolve_limits(limit: str | int | Limits) -> Limits:
+    """A preset name, or an int: that many documents / users / questions per suite, with the
+    'small' preset's other settings."""
+    if isinstance(limit, Limits):
+        return limit
+    if isinstance(limit, str) and limit.isdigit():
+        limit = int(limit)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        if limit < 1:
+            raise ValueError("--limit must be a preset name or a positive number")
+        return replace(
+            LIMITS["small"],
+            completion_documents=limit,
+            qa_documents=limit,
+            longqa_questions=limit,
+            icl_queries=limit,
+            persona_users=limit,
+        )
+    if limit not in LIMITS:
+        raise ValueError(f"unknown limit {limit!r}; use one of {', '.join(LIMITS)} or a number")
+    return LIMITS[limit]
+
+
+# -- prompts: one function for every method ------------------------------------------------------
+
+
+def chat_message(question: str, context: str | None = None, instruction: str = "") -> str:
+    """The user message of every method. Only prompting passes a context; it goes first, followed
+    by a blank line, so the methods' prompts differ in the context and nothing else."""
+    asked = f"{question} {instruction}" if instruction else question
+    return f"{context}\n\n{asked}" if context else asked
+
+
+def chat_ids(tokenizer, message: str) -> list[int]:
+    """Token ids of a one-message conversation under the chat template, as Session.chat has it."""
+    messages = [{"role": "user", "content": message}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def fit_context(
+    tokenizer, context: str, question: str, instruction: str, budget: int, chat: bool = True
+) -> tuple[str, int]:
+    """The context as prompting sees it: whole if the message fits `budget` tokens, else only its
+    most recent tokens (cut at a token boundary). Returns (text, tokens kept)."""
+    ids = tokenizer.encode(context, add_special_tokens=False)
+    keep = len(ids)
+    while keep > 0:
+        text = context if keep == len(ids) else tokenizer.decode(ids[-keep:])
+        message = chat_message(question, text, instruction)
+        excess = len(prompt_ids(tokenizer, message, chat)) - budget
+        if excess <= 0:
+            return text, keep
+        keep -= excess
+    raise ValueError(f"the question alone does not fit {budget} tokens")
+
+
+# -- answering -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """How a suite scores an answer: named metrics, the first one being the headline."""
+
+    metrics: dict[str, Callable[[str, str], float]]
+    instruction: str
+    max_new_tokens: int
+    chat: bool = True  # False: a raw language-model prompt, no chat template (demonstrations)
+
+
+def _score(scorer: Scorer, prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    return {k: metrics.best_of(f, prediction, answers) for k, f in scorer.metrics.items()}
+
+
+class _Tally:
+    """Per method: summed scores, seconds and counts; per question: the record."""
+
+    def __init__(self, methods: Sequence[str]):
+        self.methods = {m: {"scores": {}, "seconds": 0.0, "n": 0} for m in methods}
+        self.records: list[dict] = []
+
+    def add(self, method: str, scores: dict[str, float], seconds: float) -> None:
+        m = self.methods[method]
+        for k, v in scores.items():
+            m["scores"][k] = m["scores"].get(k, 0.0) + v
+        m["seconds"] += seconds
+        m["n"] += 1
+
+    def summary(self, extra: dict[str, dict] | None = None) -> dict[str, dict]:
+        out = {}
+        for name, m in self.methods.items():
+            if m["n"]:
+                out[name] = {k: v / m["n"] for k, v in m["scores"].items()}
+                out[name]["seconds"] = m["seconds"]
+                out[name].update((extra or {}).get(name, {}))
+        return out
+
+
+def prompt_ids(tokenizer, message: str, chat: bool) -> list[int]:
+    """The ids a message is sent as: under the chat template, or as raw text."""
+    return chat_ids(tokenizer, message) if chat else tokenizer.encode(message)
+
+
+@torch.no_grad()
+def rank_choices(
+    model: AdaptedModel, state, message: str, choices: Sequence[str], chat: bool = True
+) -> str:
+    """The choice the model finds likeliest (lowest mean NLL per token) as the continuation of
+    `message` (the assistant's reply under the chat template, else the raw text's next words),
+    all choices scored in one batch."""
+    prompt = prompt_ids(model.tokenizer, message, chat)
+    options = [
+        model.tokenizer.encode(c if chat else " " + c, add_special_tokens=False) for c in choices
+    ]
+    width = len(prompt) + max(map(len, options))
+    ids = torch.full((len(options), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, option in enumerate(options):  # right padding: no real token attends to it
+        ids[i, : len(prompt) + len(option)] = torch.tensor(prompt + option)
+        mask[i, : len(prompt) + len(option)] = 1
+    logits = model.logits(ids, [state] * len(options), attention_mask=mask)
+    nll = [
+        torch.nn.functional.cross_entropy(
+            logits[i, len(prompt) - 1 : len(prompt) + len(o) - 1],
+            torch.tensor(o, device=logits.device),
+        ).item()
+        for i, o in enumerate(options)
+    ]
+    return choices[min(range(len(nll)), key=nll.__getitem__)]
+
+
+def _respond(model: AdaptedModel, state, message: str, question, scorer: Scorer):
+    """Answer one question: rank its choices when it has some, else greedy decoding."""
+    start = time.perf_counter()
+    if question.choices:
+        text = rank_choices(model, state, message, question.choices, scorer.chat)
+    else:
+        session = model.session() if state is None else Session(model, state)
+        ask = session.chat if scorer.chat else session.generate
+        text = ask(message, max_new_tokens=scorer.max_new_tokens)
+    return text, time.perf_counter() - start
+
+
+def run_questions(
+    model: AdaptedModel,
+    examples: Sequence[Example],
+    scorer: Scorer,
+    name: str,
+    sft: SFTBaseline | None = None,
+    progress: bool = True,
+) -> dict:
+    """Answer every question of every example under each method and score the answers."""
+    methods = ["base", "prompt", "adapter"] + (["sft"] if sft else [])
+    tally = _Tally(methods)
+    absorb_seconds, sft_seconds = 0.0, 0.0
+    budget = model.max_positions - scorer.max_new_tokens
+    total = sum(len(e.questions) for e in examples) * len(methods)
+    with tqdm(total=total, desc=name, unit="answer", disable=not progress) as bar:
+        for example in examples:
+            absorbed = model.session()
+            start = time.perf_counter()
+            for document in example.documents:
+                absorbed.absorb(document)
+            absorb_seconds += time.perf_counter() - start
+            if sft is not None:
+                sft_seconds += sft.fit(example.context)
+            context_tokens = absorbed.state.tokens
+            for q in example.questions:
+                record = {"example": example.id, "question": q.text, "answers": q.answers, **q.info}
+                plain = chat_message(q.text, None, scorer.instruction)
+                context, kept = fit_context(
+                    model.tokenizer,
+                    example.context,
+                    q.text,
+                    scorer.instruction,
+                    budget,
+                    scorer.chat,
+                )
+                record["context_tokens"], record["prompt_context_tokens"] = context_tokens, kept
+                runs = {
+                    "base": (model, None, plain),
+                    "prompt": (model, None, chat_message(q.text, context, scorer.instruction)),
+                    "adapter": (model, absorbed.state, plain),
+                }
+                if sft is not None:
+                    runs["sft"] = (sft.model, None, plain)
+                for method, (m, state, message) in runs.items():
+                    text, seconds = _respond(m, state, message, q, scorer)
+                    scores = _score(scorer, text, q.answers)
+                    tally.add(method, scores, seconds)
+                    record[method] = {"answer": text, **scores}
+                    bar.update()
+                tally.records.append(record)
+    extra = {"adapter": {"absorb_seconds": absorb_seconds}}
+    if sft is not None:
+        extra["sft"] = {"train_seconds": sft_seconds, "steps": sft.steps}
+    return _row(name, scorer, tally.summary(extra), tally.records)
+
+
+def _row(name: str, scorer: Scorer, methods: dict, records: list[dict]) -> dict:
+    headline = next(iter(scorer.metrics))
+    return {
+        "name": name,
+        "metric": headline,
+        "metrics": list(scorer.metrics),
+        "higher_is_better": True,
+        "n": len(records),
+        "methods": methods,
+        "recovered": _recovered(methods, scorer.metrics),
+        "records": records,
+    }
+
+
+def _recovered(methods: dict, names) -> dict[str, float | None]:
+    if not all(m in methods for m in ("base", "prompt", "adapter")):
+        return {}
+    b, p, a = methods["base"], methods["prompt"], methods["adapter"]
+    return {k: metrics.recovered_fraction(b[k], p[k], a[k]) for k in names}
+
+
+# -- suites --------------------------------------------------------------------------------------
+
+QA_SCORER = {"f1": metrics.token_f1, "contains": metrics.contains_match}
+
+
+@torch.no_grad()
+def _nll_sum(model: AdaptedModel, ids: list[int], first: int, state) -> float:
+    logits = model.logits(torch.tensor([ids]), [state])[0]
+    target = torch.tensor(ids[first:], device=logits.device)
+    loss = torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum")
+    return loss.item()
+
+
+def suite_completion(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    """Perplexity of the last K tokens of held-out documents. Every method scores the same K - 1
+    tokens (all but the first target token, which base and adapter have nothing to predict from)."""
+    docs = completion_documents(
+        model.tokenizer,
+        limits.completion_documents,
+        limits.completion_context,
+        limits.completion_target,
+        seed,
+        split,
+    )
+    sums = {m: 0.0 for m in METHODS[:3]}
+    seconds = {m: 0.0 for m in METHODS[:3]}
+    absorb_seconds, scored, records = 0.0, 0, []
+    for doc in tqdm(docs, desc="completion", unit="doc", disable=not progress):
+        target, n = doc.target_ids, len(doc.target_ids) - 1
+        # Prompting keeps the most recent context that fits the window with the target.
+        context = doc.context_ids[-(model.max_positions - len(target)) :]
+        start = time.perf_counter()
+        session = model.session()
+        session.absorb(model.tokenizer.decode(doc.context_ids))
+        absorb_seconds += time.perf_counter() - start
+        record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
+        for method, ids, first, state in (
+            ("base", target, 1, None),
+            ("prompt", context + target, len(context) + 1, None),
+            ("adapter", target, 1, session.state),
+        ):
+            start = time.perf_counter()
+            nll = _nll_sum(model, ids, first, state)
+            seconds[method] += time.perf_counter() - start
+            sums[method] += nll
+            record[method] = {"perplexity": metrics.perplexity([nll], [n])}
+        scored += n
+        records.append(record)
+    methods = {
+        m: {"perplexity": metrics.perplexity([sums[m]], [scored]), "seconds": seconds[m]}
+        for m in sums
+    }
+    methods["adapter"]["absorb_seconds"] = absorb_seconds
+    return [
+        {
+            "name": "completion",
+            "metric": "perplexity",
+            "metrics": ["perplexity"],
+            "higher_is_better": False,
+            "n": len(records),
+            "methods": methods,
+            "recovered": _recovered(methods, ["perplexity"]),
+            "records": records,
+        }
+    ]
+
+
+def suite_qa(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    examples = qa_examples(limits.qa_documents, limits.qa_questions, _seed(seed, split))
+    scorer = Scorer(QA_SCORER, QA_INSTRUCTION, limits.max_new_tokens)
+    sft = SFTBaseline(model, steps=limits.sft_steps, seed=seed) if limits.sft_steps else None
+    return [run_questions(model, examples, scorer, "qa", sft=sft, progress=progress)]
+
+
+def suite_longqa(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    scorer = Scorer(QA_SCORER, QA_INSTRUCTION, limits.max_new_tokens)
+    count = lambda text: len(model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    rows = []
+    for length in limits.longqa_lengths:
+        example = long_example(length, limits.longqa_questions, _seed(seed, split), count)
+        name = f"longqa {_kilo(length)}"
+        rows.append(run_questions(model, [example], scorer, name, progress=progress))
+        rows[-1]["context_tokens"] = length
+    return rows
+
+
+def suite_icl(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    examples = icl_examples(limits.icl_shots, limits.icl_queries, _seed(seed, split))
+    # MetaICL's format: a raw prompt (demonstrations, then "Input: x\nOutput:") whose
+    # continuation ranks the choices. Under the chat template this 135M chat model ignores the
+    # demonstrations' format, and prompting scored below no context at all.
+    scorer = Scorer({"accuracy": metrics.label_match}, "", limits.max_new_tokens, chat=False)
+    return [run_questions(model, examples, scorer, "icl", progress=progress)]
+
+
+def suite_persona(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    examples = persona_examples(limits.persona_users, limits.persona_questions, _seed(seed, split))
+    scorer = Scorer(QA_SCORER, QA_INSTRUCTION, limits.max_new_tokens)
+    return [run_questions(model, examples, scorer, "persona", progress=progress)]
+
+
+SUITE_FUNCTIONS = {
+    "completion": suite_completion,
+    "qa": suite_qa,
+    "longqa": suite_longqa,
+    "icl": suite_icl,
+    "persona": suite_persona,
+}
+
+
+def _seed(seed: int, split: str) -> int:
+    """Generated suites: the dev split (periodic evaluation in training) draws other examples."""
+    return seed if split == "test" else seed + 1_000_003
+
+
+def _kilo(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def run_suites(
+    model: AdaptedModel,
+    suites: Sequence[str] = SUITES,
+    limit: str | int | Limits = "small",
+    seed: int = 0,
+    split: str = "test",
+    progress: bool = True,
+) -> dict:
+    """Run evaluation suites on an already loaded model; returns the results as a JSON-ready dict:
+    {"config": ..., "suites": {suite: [row, ...]}}, each row with per-method metrics, seconds and
+    the share of prompting's gain the adapter recovers. split="dev" for periodic evaluation
+    during training (other documents and generated examples than the "test" split)."""
+    unknown = [s for s in suites if s not in SUITE_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
+    if split not in ("dev", "test"):
+        raise ValueError("split must be 'dev' or 'test'")
+    limits = resolve_limits(limit)
+    results = {
+        "config": {
+            "suites": list(suites),
+            "limit": limit if isinstance(limit, (str, int)) else "custom",
+            "limits": limits.__dict__ | {"longqa_lengths": list(limits.longqa_lengths)},
+            "seed": seed,
+            "split": split,
+            "base": model.base_name,
+            "generator": model.generator_fingerprint,
+            "chunk_tokens": model.chunk_tokens,
+            "window": model.max_positions,
+            "device": str(model.device),
+        },
+        "suites": {},
+    }
+    for suite in suites:
+        start = time.perf_counter()
+        results["suites"][suite] = SUITE_FUNCTIONS[suite](model, limits, seed, split, progress)
+        log.info("suite %s took %.1f s", suite, time.perf_counter() - start)
+        results["config"].setdefault("suite_seconds", {})[suite] = time.perf_counter() - start
+    return results
+
+
+def evaluate_generator(
+    model: AdaptedModel,
+    suites: Sequence[str] = ("completion", "qa"),
+    limit: str | int | Limits = "tiny",
+    seed: int = 0,
+    split: str = "dev",
+) -> dict[str, float]:
+    """Headline numbers, flat, for a training log: "<row>/<metric>/<method>" and
+    "<row>/recovered"."""
+    flat = {}
+    results = run_suites(model, suites, limit, seed, split, progress=False)
+    for rows in results["suites"].values():
+        for row in rows:
+            for method, values in row["methods"].items():
+                flat[f"{row['name']}/{row['metric']}/{method}"] = values[row["metric"]]
+            flat[f"{row['name']}/recovered"] = row["recovered"].get(row["metric"])
+    return flat
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_eval_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]):
+    """Register `genadapter eval`; model_args adds the CLI's shared model options."""
+    p = sub.add_parser(
+        "eval", help="compare base, prompting, absorbed context (and SFT) on evaluation suites"
+    )
+    model_args(p)
+    p.add_argument("--suite", choices=[*SUITES, "all"], action="append", help="repeatable")
+    p.add_argument("--limit", default="small", help="tiny, small, full, or a number of examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["test", "dev"], default="test")
+    p.add_argument("--out", default="eval-results", metavar="DIR", help="JSON and charts go here")
+    p.set_defaults(run=cmd_eval)
+    return p
+
+
+def cmd_eval(args) -> int:
+    import genadapter
+
+    from .report import format_table, write_charts, write_json
+
+    suites = SUITES if not args.suite or "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    limits = resolve_limits(args.limit)  # a bad limit fails before the model loads
+    model = genadapter.load(
+        base=args.base, generator=args.generator, device=args.device, chunk_tokens=args.chunk_tokens
+    )
+    start = time.perf_counter()
+    results = run_suites(model, suites, limits, args.seed, args.split)
+    results["config"]["limit"] = args.limit
+    results["config"]["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    print(format_table(results))
+    paths = [write_json(results, out / "results.json"), *write_charts(results, out)]
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

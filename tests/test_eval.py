@@ -1,0 +1,258 @@
+"""The evaluation harness: metrics against hand-computed numbers, deterministic data, prompts that
+differ only in the context, every suite on a tiny limit through the runner, and the real CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from genadapter.corpora import split_of
+from genadapter.eval import SUITES, is_eval_document, run_suites
+from genadapter.eval import metrics as m
+from genadapter.eval.completion import completion_documents
+from genadapter.eval.demonstrations import icl_examples
+from genadapter.eval.fictional import long_example, qa_examples
+from genadapter.eval.persona import persona_examples
+from genadapter.eval.runner import (
+    LIMITS,
+    QA_INSTRUCTION,
+    QA_SCORER,
+    Scorer,
+    chat_ids,
+    chat_message,
+    fit_context,
+    run_questions,
+)
+from genadapter.eval.sft import SFTBaseline
+
+from .conftest import DOCUMENT
+
+# -- metrics, checked by hand ----------------------------------------------------------------------
+
+
+def test_normalize_answer():
+    assert m.normalize_answer("  The Quick, brown fox!") == "quick brown fox"
+    assert m.normalize_answer("An apple a day") == "apple day"
+
+
+def test_token_f1_by_hand():
+    # pred {cat, sat}, gold {cat, sat, down}: P = 1, R = 2/3, F1 = 2 * (2/3) / (5/3) = 0.8
+    assert m.token_f1("The cat sat.", "cat sat down") == pytest.approx(0.8)
+    # pred [red, red, blue], gold [red, green]: overlap 1, P = 1/3, R = 1/2, F1 = 0.4
+    assert m.token_f1("red red blue", "red green") == pytest.approx(0.4)
+    assert m.token_f1("nothing shared", "other words") == 0.0
+    assert m.token_f1("", "") == 1.0 and m.token_f1("word", "the") == 0.0
+
+
+def test_contains_match_on_word_boundaries():
+    assert m.contains_match("It was founded in 1874.", "1874") == 1.0
+    assert m.contains_match("in 18745", "1874") == 0.0
+    assert m.contains_match("A blue HERON, I think", "the heron") == 1.0
+    assert m.contains_match("Staelde", "Staelde Klemdae") == 0.0
+    assert m.best_of(m.contains_match, "Klemdae led it", ["Staelde Klemdae", "Klemdae"]) == 1.0
+    assert m.best_of(m.token_f1, "Staelde", ["Staelde Klemdae", "Ruth"]) == pytest.approx(2 / 3)
+
+
+def test_label_match_takes_the_first_line_only():
+    assert m.label_match("Output: Cold\nInput: warm", "cold") == 1.0
+    assert m.label_match("\n  cold.", "cold") == 1.0
+    assert m.label_match("The opposite is cold", "cold") == 0.0
+
+
+def test_perplexity_and_recovered_fraction_by_hand():
+    # NLL sums 2 and 4 over 1 and 3 tokens: exp(6 / 4)
+    assert m.perplexity([2.0, 4.0], [1, 3]) == pytest.approx(math.exp(1.5))
+    with pytest.raises(ValueError):
+        m.perplexity([], [])
+    assert m.recovered_fraction(base=0.1, prompt=0.5, adapter=0.2) == pytest.approx(0.25)
+    # lower is better: perplexity 20 -> 10 by prompting, 15 by the adapter recovers half
+    assert m.recovered_fraction(base=20.0, prompt=10.0, adapter=15.0) == pytest.approx(0.5)
+    assert m.recovered_fraction(base=0.3, prompt=0.3, adapter=0.4) is None
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def test_generated_data_is_deterministic_and_answerable():
+    a, b, c = qa_examples(4, 3, seed=5), qa_examples(4, 3, seed=5), qa_examples(4, 3, seed=6)
+    assert a == b and a != c
+    for example in a:
+        assert len(example.questions) == 3
+        for q in example.questions:  # every gold answer is stated in the document
+            assert any(ans in example.context for ans in q.answers), q
+    users = persona_examples(2, 4, seed=1)
+    assert users == persona_examples(2, 4, seed=1) != persona_examples(2, 4, seed=2)
+    for user in users:
+        assert len(user.documents) >= 3  # several sessions
+        assert all(q.answers[0] in user.context for q in user.questions)
+    tasks = icl_examples(shots=8, queries=3, seed=0)
+    assert tasks == icl_examples(shots=8, queries=3, seed=0)
+    for task in tasks:
+        lines = task.context.splitlines()
+        shown = {line.removeprefix("Input: ") for line in lines if line.startswith("Input:")}
+        outputs = {line.removeprefix("Output: ") for line in lines if line.startswith("Output:")}
+        assert len(shown) == 8 and len(task.questions) == 3
+        assert not shown & {q.text.split("\n")[0].removeprefix("Input: ") for q in task.questions}
+        for q in task.questions:
+            assert q.answers[0] in q.choices and len(set(q.choices)) == len(q.choices) >= 3
+            if q.info["task"] in ("antonym", "irregular-verb"):  # distractors never shown
+                assert not (set(q.choices) - set(q.answers)) & outputs
+
+
+def test_long_context_example_spans_its_length(model):
+    count = lambda t: len(model.tokenizer.encode(t))  # noqa: E731
+    example = long_example(3000, 3, seed=0, count_tokens=count)
+    assert 3000 <= count(example.context) < 3400
+    for q in example.questions:
+        document = example.documents[q.info["document"]]
+        assert any(ans in document for ans in q.answers)
+        after = "\n\n".join(example.documents[q.info["document"] + 1 :])
+        assert q.info["tokens_after"] == pytest.approx(count(after) if after else 0, abs=40)
+
+
+def test_eval_documents_are_kept_out_of_training(model):
+    ids = [f"corpus:{i:05d}" for i in range(4000)]
+    held_out = [i for i in ids if is_eval_document(i)]
+    assert 0.07 < len(held_out) / len(ids) < 0.13  # dev 5% + test 5%
+    assert all(split_of(i) in ("dev", "test") for i in held_out)
+    docs = completion_documents(model.tokenizer, 3, 64, 16, seed=0)
+    assert len(docs) == 3 and all(split_of(d.doc_id) == "test" for d in docs)
+    assert len({d.doc_id.split(":")[0] for d in docs}) == 3  # spread over corpora
+    assert all(len(d.target_ids) == 16 and 32 <= len(d.context_ids) <= 64 for d in docs)
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def test_prompts_differ_only_in_the_context(model):
+    tok = model.tokenizer
+    question, context = "Who founded Tavrell Glassworks?", DOCUMENT.strip()
+    base = chat_ids(tok, chat_message(question, None, QA_INSTRUCTION))
+    prompt = chat_ids(tok, chat_message(question, context, QA_INSTRUCTION))
+    # The adapter and the base send the very same message; prompting inserts the context into it:
+    # deleting one contiguous run of the prompt's tokens gives the base prompt...
+    head = next(i for i, (a, b) in enumerate(zip(base, prompt)) if a != b)
+    tail = next(i for i, (a, b) in enumerate(zip(base[::-1], prompt[::-1])) if a != b)
+    assert head + tail >= len(base) and len(prompt) > len(base) + 100
+    # ... and, as text, what was inserted is the context and a blank line, before the question.
+    asked = f"{question} {QA_INSTRUCTION}"
+    assert tok.decode(base).count(asked) == 1
+    assert tok.decode(prompt) == tok.decode(base).replace(asked, f"{context}\n\n{asked}")
+    # These are the ids Session.chat sends (the runner answers through Session.chat).
+    message = chat_message(question, context, QA_INSTRUCTION)
+    assert model.session()._fit_chat([{"role": "user", "content": message}], 0) == prompt
+
+
+def test_prompting_keeps_the_most_recent_context(model):
+    tok = model.tokenizer
+    question = "When was the line electrified?"
+    need = len(chat_ids(tok, chat_message(question, None, QA_INSTRUCTION)))
+    text, kept = fit_context(tok, DOCUMENT, question, QA_INSTRUCTION, budget=need + 40)
+    assert 30 <= kept <= 40 and DOCUMENT.endswith(text)
+    assert len(chat_ids(tok, chat_message(question, text, QA_INSTRUCTION))) <= need + 40
+    whole, kept = fit_context(tok, DOCUMENT, question, QA_INSTRUCTION, budget=4000)
+    assert whole == DOCUMENT and kept == len(tok.encode(DOCUMENT))
+    with pytest.raises(ValueError, match="question alone"):
+        fit_context(tok, DOCUMENT, question, QA_INSTRUCTION, budget=need - 1)
+
+
+# -- suites through the runner ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_results(model):
+    return run_suites(model, SUITES, limit="tiny", seed=0, progress=False)
+
+
+def test_every_suite_runs_on_a_tiny_limit(tiny_results):
+    assert set(tiny_results["suites"]) == set(SUITES)
+    for rows in tiny_results["suites"].values():
+        for row in rows:
+            assert row["n"] > 0 and len(row["records"]) == row["n"]
+            assert {"base", "prompt", "adapter"} <= set(row["methods"])
+            for method in row["methods"].values():
+                for metric in row["metrics"]:
+                    value = method[metric]
+                    assert value >= 1.0 if metric == "perplexity" else 0.0 <= value <= 1.0
+    assert "sft" in tiny_results["suites"]["qa"][0]["methods"]
+    sft = tiny_results["suites"]["qa"][0]["methods"]["sft"]
+    assert sft["steps"] == LIMITS["tiny"].sft_steps and sft["train_seconds"] > 0
+    json.dumps(tiny_results)  # JSON-ready
+
+
+def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
+    # The default generator's B is zero: an absorbed session must be the base model, bit for bit.
+    completion = tiny_results["suites"]["completion"][0]
+    assert (
+        completion["methods"]["adapter"]["perplexity"]
+        == completion["methods"]["base"]["perplexity"]
+    )
+    for suite in ("qa", "longqa", "icl", "persona"):
+        for row in tiny_results["suites"][suite]:
+            for record in row["records"]:
+                assert record["adapter"]["answer"] == record["base"]["answer"]
+
+
+def test_prompting_uses_the_context(tiny_results):
+    completion = tiny_results["suites"]["completion"][0]["methods"]
+    assert completion["prompt"]["perplexity"] < completion["base"]["perplexity"]
+    records = [r for row in tiny_results["suites"]["qa"] for r in row["records"]]
+    assert any(r["prompt"]["answer"] != r["base"]["answer"] for r in records)
+    assert all(r["prompt_context_tokens"] >= r["context_tokens"] - 2 for r in records)
+
+
+def test_adapter_answers_from_the_absorbed_state(random_model):
+    # A generator with nonzero B: the absorbed state must change the answers.
+    examples = qa_examples(1, 2, seed=3)
+    scorer = Scorer(QA_SCORER, QA_INSTRUCTION, max_new_tokens=8)
+    row = run_questions(random_model, examples, scorer, "qa", progress=False)
+    assert any(r["adapter"]["answer"] != r["base"]["answer"] for r in row["records"])
+
+
+def test_sft_baseline_fits_the_context_on_a_copy(model):
+    before = {n: p.clone() for n, p in model.base.named_parameters()}
+    sft = SFTBaseline(model, steps=4, lr=2e-3)
+    ids = torch.tensor([model.tokenizer.encode(DOCUMENT)])
+    loss = lambda: sft.model.base(input_ids=ids, labels=ids).loss.item()  # noqa: E731
+    start = loss()
+    assert sft.fit(DOCUMENT) > 0
+    fitted = loss()
+    assert fitted < start - 0.05
+    for n, p in model.base.named_parameters():  # the shared model is untouched
+        assert torch.equal(p, before[n])
+    sft.fit(DOCUMENT)  # each fit starts from the same fresh LoRA: the same result again
+    assert loss() == pytest.approx(fitted, rel=1e-4)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_eval_command_writes_table_json_and_charts(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "genadapter.cli", "eval", "--suite", "icl", "--suite", "icl"]
+        + ["--limit", "tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()
+    assert "recovered" in table[0] and sum(line.startswith("icl ") for line in table) == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["suites"]) == ["icl"]  # a suite named twice runs once
+    assert results["config"]["limit"] == "tiny" and results["config"]["seconds"] > 0
+    assert (tmp_path / "icl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_rejects_bad_arguments(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "genadapter.cli", "eval", "--limit", "huge", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "unknown limit" in out.stderr
+    assert not (tmp_path / "results.json").exists()
