@@ -62,7 +62,7 @@ class _PolarFactor(torch.autograd.Function):
         floor = (sig[..., :1] * RANK_RTOL).clamp_min(torch.finfo(sig.dtype).tiny)
         M = U.mT @ G @ V
         pair = keep.unsqueeze(-1) & keep.unsqueeze(-2)
-        denom = (sig.unsqueeze(-1) + sig.unsqueeze(-2)).clamp_min(floor)
+        denom = (sig.unsqueeze(-1) + sig.unsqueeze(-2)).clamp_min(floor.unsqueeze(-1))
         X = torch.where(pair, (M - M.mT) / denom, torch.zeros_like(M))
         grad = U @ X @ Vh
         # Directions outside the row / column spaces (rectangular or rank-deficient S).

@@ -75,7 +75,7 @@ def test_nonfinite_state_is_rejected():
         normalize_svd(S)
 
 
-@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 6), (3, 3, 3)])
+@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 6), (3, 3, 3), (2, 5, 5), (2, 6, 4)])
 def test_backward_matches_finite_differences(shape):
     # The custom backward (polar-factor derivative) against numerical differentiation.
     torch.manual_seed(5)

@@ -1,4 +1,5 @@
-"""The training script on a small random Llama: exact resume, and DDP over two CPU processes."""
+"""The training script on a small random Llama: exact resume (batches of two samples, periodic
+evaluation with the harness included), and DDP over two CPU processes."""
 
 import json
 import os
@@ -57,6 +58,10 @@ def train(out, base, data, *extra, nproc=1):
         "100",
         "--eval_samples",
         "1",
+        "--eval_qa_documents",
+        "1",
+        "--batch_size",
+        "2",
         "--log_interval",
         "1",
         "--checkpoint_interval",
@@ -100,6 +105,11 @@ def test_resume_is_exact(setup, tmp_path):
     assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith(".B"))
     config = json.loads((tmp_path / "straight" / "generator" / "config.json").read_text())
     assert config["config"]["extra"]["steps"] == 4
+    # The periodic evaluation ran the harness's document-QA suite under every method.
+    last_eval = config["config"]["extra"]["last_eval"]
+    for method in ("base", "prompt", "adapter"):
+        assert 0 <= last_eval[f"qa_contains_{method}"] <= 1
+        assert 0 <= last_eval[f"qa_f1_{method}"] <= 1
 
 
 def test_ddp_with_two_cpu_processes(setup, tmp_path):

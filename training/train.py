@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_qa import make_example  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
+from genadapter.eval.runner import LIMITS, evaluate_generator  # noqa: E402
 from genadapter.generator import Generator, GeneratorConfig  # noqa: E402
 from genadapter.layers import bound  # noqa: E402
 from genadapter.model import AdaptedModel  # noqa: E402
@@ -75,6 +76,7 @@ class TrainConfig:
     device: str | None = None
     eval_interval: int = 200
     eval_samples: int = 16
+    eval_qa_documents: int = 0  # >0: also the harness's document-QA suite (dev) on this many
     checkpoint_interval: int = 50
     log_interval: int = 10
     max_minutes: float | None = None  # checkpoint and stop after this much wall time
@@ -171,9 +173,13 @@ def context_states(model: AdaptedModel, samples: list[Sample]) -> dict[str, torc
 
 
 def target_loss(
-    model: AdaptedModel, samples: list[Sample], s_hat: dict[str, torch.Tensor] | None
+    model: AdaptedModel,
+    samples: list[Sample],
+    s_hat: dict[str, torch.Tensor] | None,
+    per_sample_out: list[float] | None = None,
 ) -> torch.Tensor:
-    """Mean next-token loss over the scored target tokens, under s_hat (None: the base)."""
+    """Mean next-token loss over the scored target tokens, under s_hat (None: the base); each
+    sample's own mean is appended to `per_sample_out` when given (for the per-task log)."""
     width = max(len(s.target) for s in samples)
     ids = torch.full((len(samples), width), model.tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -185,13 +191,21 @@ def target_loss(
     ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
     with bound(model.binding, s_hat=s_hat):
         logits = model.base(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none")
+    scored = (labels != -100).float()
+    per_sample = (nll.view_as(scored) * scored).sum(1) / scored.sum(1).clamp_min(1)
+    if per_sample_out is not None:
+        per_sample_out.extend(per_sample.tolist())
+    return nll.sum() / scored.sum().clamp_min(1)
 
 
-def adapter_loss(model: AdaptedModel, samples: list[Sample]) -> torch.Tensor:
+def adapter_loss(
+    model: AdaptedModel, samples: list[Sample], per_sample_out: list[float] | None = None
+) -> torch.Tensor:
     S = context_states(model, samples)
     s_hat = {n: normalize_svd(s) for n, s in S.items()}
-    return target_loss(model, samples, s_hat)
+    return target_loss(model, samples, s_hat, per_sample_out)
 
 
 @torch.no_grad()
@@ -211,6 +225,13 @@ def evaluate(model: AdaptedModel, cfg: TrainConfig, corpus: Corpus) -> dict:
     gain = out["base"] - out["prompt"]
     out["recovered"] = (out["base"] - out["adapter"]) / gain if gain > 0 else float("nan")
     return out
+
+
+def evaluate_qa(model: AdaptedModel, documents: int) -> dict:
+    """The evaluation harness's document-QA suite on dev documents, greedy, no SFT baseline."""
+    limits = replace(LIMITS["small"], qa_documents=documents, qa_questions=2, sft_steps=0)
+    flat = evaluate_generator(model, suites=("qa",), limit=limits, split="dev")
+    return {f"qa_{k.split('/', 1)[1].replace('/', '_')}": v for k, v in flat.items()}
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -324,11 +345,12 @@ def main(argv=None) -> None:
             samples = [
                 draw_sample(cfg, train_set, model.tokenizer, rng) for _ in range(cfg.batch_size)
             ]
+            per_sample: list[float] = []
             with autocast:
-                loss = adapter_loss(model, samples)
+                loss = adapter_loss(model, samples, per_sample)
             (loss / cfg.grad_accum).backward()
-            for s in samples:
-                window.setdefault(s.task, []).append(loss.item())
+            for s, sample_loss in zip(samples, per_sample):
+                window.setdefault(s.task, []).append(sample_loss)
                 stats["tokens"] += len(s.context) + len(s.target)
         if distributed:  # data parallel: average gradients over ranks
             for p in params:
@@ -360,12 +382,15 @@ def main(argv=None) -> None:
             generator.eval()
             with autocast:
                 ev = evaluate(model, cfg, dev_set)
+            if cfg.eval_qa_documents:  # greedy decoding in float32: bf16 decode is slow on CPU
+                ev.update(evaluate_qa(model, cfg.eval_qa_documents))
             generator.train()
             log_file.write(json.dumps({"kind": "eval", "step": step, **ev}) + "\n")
             log_file.flush()
+            qa = ", ".join(f"{k} {v:.2f}" for k, v in ev.items() if k.startswith("qa_contains"))
             tqdm.write(
                 f"step {step}: dev loss base {ev['base']:.3f} adapter {ev['adapter']:.3f}"
-                f" prompt {ev['prompt']:.3f} (recovered {ev['recovered']:.2f})"
+                f" prompt {ev['prompt']:.3f} (recovered {ev['recovered']:.2f}) {qa}"
             )
         if rank == 0 and (step % cfg.checkpoint_interval == 0 or step == cfg.steps or timed_out):
             save_checkpoint(ckpt, generator, optimizer, step, stats)

@@ -14,6 +14,7 @@ COLOURS = {"base": "#9e9e9e", "prompt": "#1f77b4", "adapter": "#d62728", "sft": 
 def _cell(value) -> str:
     if value is None:
         return "-"
+    value += 0.0  # no "-0.000"
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
@@ -58,7 +59,7 @@ def write_json(results: dict, path: Path) -> Path:
 
 
 def write_charts(results: dict, folder: Path) -> list[Path]:
-    """One PNG per suite: the headline metric of each method, one group of bars per row."""
+    """One PNG per suite: each method's score on every metric of every row, as grouped bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,19 +70,25 @@ def write_charts(results: dict, folder: Path) -> list[Path]:
     for suite, rows in results["suites"].items():
         if not rows:
             continue
-        metric = rows[0]["metric"]
+        groups = [(row, metric) for row in rows for metric in row["metrics"]]
         methods = [k for k in METHOD_ORDER if any(k in r["methods"] for r in rows)]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows) * len(methods) / 3, 3.2))
+        fig, ax = plt.subplots(figsize=(1.8 + 0.45 * len(groups) * len(methods), 3.4))
         width = 0.8 / len(methods)
         for j, method in enumerate(methods):
-            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(rows))]
-            ys = [r["methods"].get(method, {}).get(metric, 0.0) for r in rows]
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
+            ys = [row["methods"].get(method, {}).get(metric, 0.0) for row, metric in groups]
             ax.bar(xs, ys, width, label=method, color=COLOURS[method])
             for x, y in zip(xs, ys):
-                ax.text(x, y, _cell(y), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
-        direction = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
-        ax.set_ylabel(f"{metric} ({direction})")
+                ax.text(x, y, _cell(y), ha="center", va="bottom", fontsize=6)
+        labels = [
+            metric if len(rows) == 1 else f"{row['name']}\n{metric}" for row, metric in groups
+        ]
+        ax.set_xticks(range(len(groups)), labels, fontsize=8)
+        if rows[0]["higher_is_better"]:
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("score (higher is better)")
+        else:
+            ax.set_ylabel(f"{rows[0]['metric']} (lower is better)")
         n = sum(r["n"] for r in rows)
         ax.set_title(f"{suite}: {n} items, limit {results['config']['limit']}", fontsize=9)
         ax.legend(fontsize=7, frameon=False)

@@ -452,14 +452,15 @@ def evaluate_generator(
     seed: int = 0,
     split: str = "dev",
 ) -> dict[str, float]:
-    """Headline numbers, flat, for a training log: "<row>/<metric>/<method>" and
-    "<row>/recovered"."""
+    """Every row's numbers, flat, for a training log: "<row>/<metric>/<method>" for each metric,
+    and "<row>/recovered" for the row's headline metric."""
     flat = {}
     results = run_suites(model, suites, limit, seed, split, progress=False)
     for rows in results["suites"].values():
         for row in rows:
             for method, values in row["methods"].items():
-                flat[f"{row['name']}/{row['metric']}/{method}"] = values[row["metric"]]
+                for metric in row["metrics"]:
+                    flat[f"{row['name']}/{metric}/{method}"] = values[metric]
             flat[f"{row['name']}/recovered"] = row["recovered"].get(row["metric"])
     return flat
 
