@@ -467,6 +467,7 @@ def cmd_bench(args) -> int:
         device=args.device,
         dtype=args.dtype,
         chunk_tokens=args.chunk_tokens,
+        quantize=None if args.quantize == "none" else args.quantize,
     )
     results = run_bench(model, "quick" if args.quick else "default")
     print(format_report(results))

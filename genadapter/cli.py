@@ -26,7 +26,12 @@ def _load_model(args):
         generator=args.generator,
         device=args.device,
         chunk_tokens=args.chunk_tokens,
+        quantize=_quantize_arg(args.quantize),
     )
+
+
+def _quantize_arg(value: str) -> str | None:
+    return None if value == "none" else value
 
 
 def _read_document(path: str):
@@ -135,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--generator", help="trained generator folder")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
         p.add_argument("--chunk-tokens", type=int, help="context chunk length in tokens")
+        p.add_argument(
+            "--quantize",
+            choices=["auto", "nf4", "int8", "none"],
+            default="auto",
+            help="base weights through bitsandbytes (default auto: nf4 on CUDA, none on CPU)",
+        )
 
     chat = sub.add_parser("chat", help="chat with a session that absorbed documents")
     model_args(chat)

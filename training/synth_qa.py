@@ -9,7 +9,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SYLLABLES = "ka lo mir dan ve tor sel ba rin gu ost fel na quo tre lim har cas vel or pen".split()
+# Names are random syllables from a large space, so no answer can be guessed from what training
+# saw before: the only way to lower the loss is to read the absorbed document. (A first version
+# drew from 21 fixed syllables, and the generator learned to answer with plausible made-up names
+# from them instead of copying.)
+ONSETS = "b c ch d f g h j k l m n p qu r s sh t v w y z bl cr fl gl pl sl sn sp str tw".split()
+NUCLEI = "a e i o u y ai au ea ee oa oo ui".split()
+CODAS = ["", "", "", "", "", "b", "ck", "ff", "g", "ll", "mp", "nt", "p", "ss", "st", "t", "ng"]
 COLOURS = "amber crimson teal ochre violet silver indigo olive scarlet ivory".split()
 MATERIALS = "granite cedar copper basalt marble oak limestone bronze slate glass".split()
 TRADES = "clockmaking glassblowing cartography beekeeping weaving shipbuilding printing".split()
@@ -33,7 +39,9 @@ ASK_SUFFIXES = ["", "", "", " Reply with just the answer.", " Be brief.", " Keep
 
 
 def name(rng: random.Random, parts: int = 2) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+    parts = max(1, parts + rng.choice((-1, 0)))
+    syllables = (rng.choice(ONSETS) + rng.choice(NUCLEI) + rng.choice(CODAS) for _ in range(parts))
+    return "".join(syllables).capitalize()
 
 
 def _upper_first(text: str) -> str:

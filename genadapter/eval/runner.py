@@ -491,7 +491,11 @@ def cmd_eval(args) -> int:
     suites = SUITES if not args.suite or "all" in args.suite else tuple(dict.fromkeys(args.suite))
     limits = resolve_limits(args.limit)  # a bad limit fails before the model loads
     model = genadapter.load(
-        base=args.base, generator=args.generator, device=args.device, chunk_tokens=args.chunk_tokens
+        base=args.base,
+        generator=args.generator,
+        device=args.device,
+        chunk_tokens=args.chunk_tokens,
+        quantize=None if args.quantize == "none" else args.quantize,
     )
     start = time.perf_counter()
     results = run_suites(model, suites, limits, args.seed, args.split)
