@@ -34,6 +34,26 @@ def test_absorb_command_saves_a_loadable_session(model, tmp_path):
         assert torch.allclose(loaded.state.sums[name], S, rtol=1e-5, atol=1e-5)
 
 
+def test_absorb_command_quantizes_the_base_when_asked(model, tmp_path):
+    # --quantize reaches genadapter.load(): the int8 base's state is close to the float one's
+    # (tests/test_quantize.py bounds how close) but not identical.
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    out = run_cli(
+        "absorb", str(doc), "--out", str(tmp_path / "q"), "--chunk-tokens", "64",
+        "--quantize", "int8",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    loaded = model.load_session(tmp_path / "q")
+    direct = model.session()
+    direct.absorb(DOCUMENT)
+    cosines = [
+        torch.nn.functional.cosine_similarity(loaded.state.sums[n].flatten(), S.flatten(), dim=0)
+        for n, S in direct.state.sums.items()
+    ]
+    assert 0.9 < sum(cosines) / len(cosines) < 1 - 1e-6
+
+
 def test_chat_repl_commands(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
