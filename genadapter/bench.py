@@ -461,13 +461,15 @@ def add_bench_parser(sub, model_args: Callable[[argparse.ArgumentParser], None])
 def cmd_bench(args) -> int:
     import genadapter
 
+    from .cli import quantize_arg
+
     model = genadapter.load(
         base=args.base,
         generator=args.generator,
         device=args.device,
         dtype=args.dtype,
         chunk_tokens=args.chunk_tokens,
-        quantize=None if args.quantize == "none" else args.quantize,
+        quantize=quantize_arg(args.quantize),
     )
     results = run_bench(model, "quick" if args.quick else "default")
     print(format_report(results))

@@ -26,11 +26,12 @@ def _load_model(args):
         generator=args.generator,
         device=args.device,
         chunk_tokens=args.chunk_tokens,
-        quantize=_quantize_arg(args.quantize),
+        quantize=quantize_arg(args.quantize),
     )
 
 
-def _quantize_arg(value: str) -> str | None:
+def quantize_arg(value: str) -> str | None:
+    """--quantize's value as genadapter.load() takes it ("none" -> None)."""
     return None if value == "none" else value
 
 

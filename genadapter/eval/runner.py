@@ -486,6 +486,7 @@ def add_eval_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]):
 def cmd_eval(args) -> int:
     import genadapter
 
+    from ..cli import quantize_arg
     from .report import format_table, write_charts, write_json
 
     suites = SUITES if not args.suite or "all" in args.suite else tuple(dict.fromkeys(args.suite))
@@ -495,7 +496,7 @@ def cmd_eval(args) -> int:
         generator=args.generator,
         device=args.device,
         chunk_tokens=args.chunk_tokens,
-        quantize=None if args.quantize == "none" else args.quantize,
+        quantize=quantize_arg(args.quantize),
     )
     start = time.perf_counter()
     results = run_suites(model, suites, limits, args.seed, args.split)
