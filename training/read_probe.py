@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_qa import Example, _festival  # noqa: E402
-from train import Sample, adapter_loss, target_loss  # noqa: E402
+from train import Sample, adapter_loss, answer_sample, target_loss  # noqa: E402
 
 import genadapter  # noqa: E402
 
@@ -37,20 +37,10 @@ def month_example(rng: random.Random) -> Example:
 
 def samples(model, ex: Example) -> dict[str, Sample]:
     tok = model.tokenizer
-
-    def chat(user: str) -> list[int]:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
-        )
-        return tok.encode(text, add_special_tokens=False)
-
-    answer = tok.encode(ex.answer + "<|im_end|>", add_special_tokens=False)
-    q, qp = chat(ex.question), chat(ex.document + "\n\n" + ex.question)
-    doc = tok.encode(ex.document, add_special_tokens=False)
     return {
-        "base": Sample("qa", [], q + answer, [-100] * len(q) + answer),
-        "prompt": Sample("qa", [], qp + answer, [-100] * len(qp) + answer),
-        "adapter": Sample("qa", doc, q + answer, [-100] * len(q) + answer),
+        "base": answer_sample(tok, "", ex.question, ex.answer),
+        "prompt": answer_sample(tok, "", ex.document + "\n\n" + ex.question, ex.answer),
+        "adapter": answer_sample(tok, ex.document, ex.question, ex.answer),
     }
 
 

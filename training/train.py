@@ -116,6 +116,18 @@ class Sample:
     labels: list[int]  # target tokens to score, -100 where not scored
 
 
+def answer_sample(tokenizer, context: str, message: str, answer: str) -> Sample:
+    """`context` absorbed (empty: none), then `message` as a chat user turn; only the assistant's
+    `answer` and its end-of-turn token are scored."""
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+    )
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    a = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    absorbed = tokenizer.encode(context, add_special_tokens=False) if context else []
+    return Sample("qa", absorbed, p + a, [-100] * len(p) + a)
+
+
 def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Generator) -> Sample:
     tasks = list(cfg.task_mix)
     probs = np.asarray([cfg.task_mix[t] for t in tasks], dtype=float)
@@ -123,13 +135,7 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
     if task == "qa":
         distractors = int(rng.integers(0, cfg.qa_distractors + 1))
         ex = make_example(random.Random(int(rng.integers(1 << 62))), distractors=distractors)
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": ex.question}], add_generation_prompt=True, tokenize=False
-        )
-        p = tokenizer.encode(prompt, add_special_tokens=False)
-        a = tokenizer.encode(ex.answer + "<|im_end|>", add_special_tokens=False)
-        context = tokenizer.encode(ex.document, add_special_tokens=False)
-        return Sample(task, context, p + a, [-100] * len(p) + a)
+        return answer_sample(tokenizer, ex.document, ex.question, ex.answer)
     n_ctx = int(rng.integers(cfg.context_min, cfg.context_max + 1))
     T = cfg.target_tokens
     if task == "completion":
