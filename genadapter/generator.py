@@ -4,7 +4,8 @@ context pass into the state S (keys/values) and turn S into a weight delta (A, B
 For an adapted linear layer with input size d_in and output size d_out:
     h = RMSNorm(x)            x: the layer's own input during the context pass (T x d_in)
     K = h Wk^T, V = h Wv^T    (T x r1), (T x r2)
-    S += K^T V                (r1 x r2), summed over every absorbed token
+    S += K^T V                (r1 x r2), summed over every absorbed token ("same" pairing), or
+    S += K[:-1]^T V[1:]       each token's key with the next token's value ("next" pairing)
     y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S)
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from .state import atomic_write
 
 CONFIG_NAME = "config.json"
+PAIRINGS = ("same", "next")
 WEIGHTS_NAME = "generator.safetensors"
 
 
@@ -37,6 +39,10 @@ class GeneratorConfig:
     r2: int = 32
     alpha: float = 1.0
     chunk_tokens: int = 512  # context chunk length the generator was trained with
+    # "next": token t's key stores token t+1's value, so the state maps "what comes next here"
+    # to the next token, which a question about the text can look up. "same": t's key with t's
+    # own value (generators trained before this option existed).
+    pairing: str = "same"
     seed: int = 0
     extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
 
@@ -50,7 +56,10 @@ class GeneratorConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "targets" in known:
             known["targets"] = tuple(known["targets"])
-        return cls(**known)
+        config = cls(**known)
+        if config.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, not {config.pairing!r}")
+        return config
 
 
 def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -68,9 +77,19 @@ def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Mod
 class LayerAdapter(nn.Module):
     """Wk, Wv (context -> state) and A, B (state -> delta) for one adapted layer."""
 
-    def __init__(self, d_in: int, d_out: int, r1: int, r2: int, alpha: float, g: torch.Generator):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        r1: int,
+        r2: int,
+        alpha: float,
+        g: torch.Generator,
+        value_offset: int = 0,
+    ):
         super().__init__()
         self.alpha = alpha
+        self.value_offset = value_offset  # 1: token t's key pairs with token t+1's value
         self.eps = 1e-6
         self.norm = nn.Parameter(torch.ones(d_in))
         self.Wk = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
@@ -83,15 +102,25 @@ class LayerAdapter(nn.Module):
         """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32."""
         x = x.float()
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
-        k, v = h @ self.Wk.T, h @ self.Wv.T
-        if token_mask is not None:
-            k = k * token_mask.unsqueeze(-1).to(k.dtype)
-        return k.mT @ v
+        return pair_sums(h @ self.Wk.T, h @ self.Wv.T, token_mask, self.value_offset)
 
     def delta(self, x: torch.Tensor, s_hat: torch.Tensor) -> torch.Tensor:
         """alpha * B (S_hat^T (A x)) per sequence: x (b, t, d_in), s_hat (b, r1, r2)."""
         z = (x.float() @ self.A.T) @ s_hat
         return self.alpha * (z @ self.B.T)
+
+
+def pair_sums(
+    k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None, offset: int
+) -> torch.Tensor:
+    """sum_t k_t v_{t+offset}^T over the pairs whose two tokens are both real (unmasked)."""
+    if offset:
+        k, v = k[:, :-offset], v[:, offset:]
+        if token_mask is not None:
+            token_mask = token_mask[:, :-offset] * token_mask[:, offset:]
+    if token_mask is not None:
+        k = k * token_mask.unsqueeze(-1).to(k.dtype)
+    return k.mT @ v
 
 
 class Generator(nn.Module):
@@ -100,9 +129,10 @@ class Generator(nn.Module):
         self.config = config
         self.shapes = dict(shapes)  # adapted layer name -> (d_in, d_out)
         g = torch.Generator().manual_seed(config.seed)  # same seed, same fresh generator
+        offset = PAIRINGS.index(config.pairing)
         self.layers = nn.ModuleDict(
             {
-                _key(name): LayerAdapter(d_in, d_out, config.r1, config.r2, config.alpha, g)
+                _key(name): LayerAdapter(d_in, d_out, config.r1, config.r2, config.alpha, g, offset)
                 for name, (d_in, d_out) in self.shapes.items()
             }
         )
@@ -112,6 +142,15 @@ class Generator(nn.Module):
         config = config or GeneratorConfig()
         targets = find_targets(model, config.targets)
         return cls(config, {n: (m.in_features, m.out_features) for n, m in targets.items()})
+
+    def set_pairing(self, pairing: str) -> Generator:
+        """Switch how keys pair with values (training a generator on from one of the other kind)."""
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
+        self.config.pairing = pairing
+        for layer in self.layers.values():
+            layer.value_offset = PAIRINGS.index(pairing)
+        return self
 
     def adapter(self, name: str) -> LayerAdapter:
         return self.layers[_key(name)]

@@ -118,3 +118,47 @@ def test_ddp_with_two_cpu_processes(setup, tmp_path):
     assert "all 2 ranks hold generator" in out.stderr + out.stdout
     assert (tmp_path / "ddp" / "generator" / "generator.safetensors").is_file()
     assert (tmp_path / "ddp" / "loss.png").is_file()
+
+
+def test_continue_with_next_pairing_and_package(setup, tmp_path):
+    base, data = setup
+    train(tmp_path / "first", base, data, "--steps", "2")
+    first = tmp_path / "first" / "generator"
+    train(
+        tmp_path / "second",
+        base,
+        data,
+        "--steps",
+        "1",
+        "--init_from",
+        str(first),
+        "--pairing",
+        "next",
+    )
+    second = tmp_path / "second" / "generator"
+    assert json.loads((second / "config.json").read_text())["config"]["pairing"] == "next"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    packaged = tmp_path / "shipped"
+    command = [
+        sys.executable,
+        str(ROOT / "training" / "package.py"),
+        str(second),
+        "--previous",
+        str(first),
+        "--eval",
+        str(ROOT / "docs" / "eval" / "results.json"),
+        "--out",
+        str(packaged),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((packaged / "config.json").read_text())
+    stages = meta["config"]["extra"]["stages"]
+    assert [s["steps"] for s in stages] == [2, 1]  # oldest first
+    assert stages[1]["train_config"]["init_from"] == str(first)
+    qa = meta["config"]["extra"]["eval"]["rows"]["qa"]
+    assert set(qa["methods"]) >= {"base", "prompt", "adapter"} and "contains" in qa["recovered"]
+    # Packaging keeps the weights (bfloat16 both times) and the pairing.
+    a, b = weights(tmp_path / "second"), load_file(packaged / "generator.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert meta["config"]["pairing"] == "next"

@@ -1,12 +1,19 @@
 """Can the generator learn to *read* a fact out of its state? A minimal probe.
 
-Every example is one short synthetic document about a festival (training/synth_qa.py) and the
-question "In which month does it take place?": ten possible answers, so an answer guessed from the
-prior costs ln(10) = 2.30 nats, and a loss well below that can only come from the absorbed
-document. Trains a copy of a generator for --steps on fresh examples and logs, on 32 fixed held-out
-examples, the answer's loss with no context, with the document in the prompt, and absorbed.
+--task month: every example is one short synthetic document about a festival
+(training/synth_qa.py) and the question "In which month does it take place?": ten possible
+answers, so an answer guessed from the prior costs ln(10) = 2.30 nats, and a loss well below that
+can only come from the absorbed document.
+--task any: one synthetic entity document and a question about any of its facts; most answers are
+invented names, numbers or WordNet nouns, so the answer has to be copied from the document.
+
+Trains a copy of a generator (or a fresh one with --pairing) for --steps on fresh examples and
+logs, on 32 fixed held-out examples, the answer's loss with no context, with the document in the
+prompt, absorbed, and with another example's document absorbed (the gap to "absorbed" is what is
+read from the state rather than guessed from the question).
 
     python training/read_probe.py --generator training/checkpoints/smollm2-135m-v0 --steps 200
+    python training/read_probe.py --task any --pairing next --steps 300
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_qa import Example, _festival  # noqa: E402
+from synth_qa import Example, _festival, make_example  # noqa: E402
 from train import Sample, adapter_loss, answer_sample, target_loss  # noqa: E402
 
 import genadapter  # noqa: E402
+from genadapter.base import load_base  # noqa: E402
+from genadapter.generator import PAIRINGS, Generator, GeneratorConfig  # noqa: E402
+from genadapter.model import AdaptedModel  # noqa: E402
 
 
 def month_example(rng: random.Random) -> Example:
@@ -33,6 +43,13 @@ def month_example(rng: random.Random) -> Example:
     rng.shuffle(rest)
     _, question, answer = facts[1]  # "In which month does ... take place?"
     return Example(" ".join([head, *rest]), question, answer)
+
+
+def any_example(rng: random.Random) -> Example:
+    return make_example(rng, distractors=0)
+
+
+TASKS = {"month": month_example, "any": any_example}
 
 
 def samples(model, ex: Example) -> dict[str, Sample]:
@@ -46,18 +63,26 @@ def samples(model, ex: Example) -> dict[str, Sample]:
 
 @torch.no_grad()
 def held_out_losses(model, examples) -> dict[str, float]:
-    totals = {"base": 0.0, "prompt": 0.0, "adapter": 0.0}
-    for ex in examples:
+    """Mean answer loss with no context, prompted, absorbed, and with *another* example's
+    document absorbed: the gap between the last two is what the state reads, not the prior."""
+    tok = model.tokenizer
+    totals = {"base": 0.0, "prompt": 0.0, "adapter": 0.0, "adapter_other": 0.0}
+    for i, ex in enumerate(examples):
         s = samples(model, ex)
+        other = examples[(i + 1) % len(examples)].document
         totals["base"] += target_loss(model, [s["base"]], None).item()
         totals["prompt"] += target_loss(model, [s["prompt"]], None).item()
         totals["adapter"] += adapter_loss(model, [s["adapter"]]).item()
+        mismatched = answer_sample(tok, other, ex.question, ex.answer)
+        totals["adapter_other"] += adapter_loss(model, [mismatched]).item()
     return {k: round(v / len(examples), 4) for k, v in totals.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--generator", help="generator folder to start from (default: a fresh one)")
+    p.add_argument("--task", choices=sorted(TASKS), default="month")
+    p.add_argument("--pairing", choices=PAIRINGS, default="same", help="of a fresh generator")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -65,8 +90,14 @@ def main() -> None:
     p.add_argument("--out", default="training/runs/read_probe.jsonl")
     args = p.parse_args()
 
-    model = genadapter.load(generator=args.generator, device="cpu", dtype=torch.float32)
-    held_out = [month_example(random.Random(1_000_000 + i)) for i in range(32)]
+    if args.generator:
+        model = genadapter.load(generator=args.generator, device="cpu", dtype=torch.float32)
+    else:
+        base = load_base(None, device="cpu", dtype=torch.float32)
+        fresh = Generator.for_base(base.model, GeneratorConfig(pairing=args.pairing))
+        model = AdaptedModel(base, fresh)
+    example = TASKS[args.task]
+    held_out = [example(random.Random(1_000_000 + i)) for i in range(32)]
     rng = random.Random(0)
     params = list(model.generator.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr)
@@ -85,7 +116,7 @@ def main() -> None:
         if step == args.steps:
             break
         model.generator.requires_grad_(True)
-        batch = [samples(model, month_example(rng))["adapter"] for _ in range(args.batch)]
+        batch = [samples(model, example(rng))["adapter"] for _ in range(args.batch)]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = adapter_loss(model, batch)

@@ -56,6 +56,7 @@ class TrainConfig:
     alpha: float = 1.0
     targets: tuple[str, ...] = ("o_proj", "down_proj")
     chunk_tokens: int = 512
+    pairing: str | None = None  # GeneratorConfig.pairing; None: init_from's, or "same" if fresh
     seed: int = 0
     steps: int = 1000
     batch_size: int = 1
@@ -312,10 +313,13 @@ def main(argv=None) -> None:
         r2=cfg.r2,
         alpha=cfg.alpha,
         chunk_tokens=cfg.chunk_tokens,
+        pairing=cfg.pairing or "same",
         seed=cfg.seed,
     )
     if cfg.init_from:
         generator = Generator.from_pretrained(cfg.init_from, base.fingerprint)
+        if cfg.pairing:
+            generator.set_pairing(cfg.pairing)
     else:
         generator = Generator.for_base(base.model, gcfg)
     model = AdaptedModel(base, generator, chunk_tokens=cfg.chunk_tokens)

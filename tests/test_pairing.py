@@ -1,0 +1,79 @@
+"""The "next" pairing: token t's key with token t+1's value, checked against a loop over tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genadapter.base import load_base
+from genadapter.generator import Generator, GeneratorConfig, GeneratorFormatError, pair_sums
+from genadapter.model import AdaptedModel
+from genadapter.text import chunked, token_stream
+
+from .conftest import DOCUMENT, TEST_CHUNK
+
+
+def loop_pair_sums(k, v, mask, offset):
+    out = torch.zeros(k.shape[0], k.shape[2], v.shape[2], dtype=torch.float64)
+    for b in range(k.shape[0]):
+        for t in range(k.shape[1] - offset):
+            if mask[b, t] and mask[b, t + offset]:
+                out[b] += torch.outer(k[b, t].double(), v[b, t + offset].double())
+    return out
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_pair_sums_match_a_loop_over_real_token_pairs(offset):
+    g = torch.Generator().manual_seed(offset)
+    k, v = torch.randn(3, 9, 4, generator=g), torch.randn(3, 9, 5, generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 1:] = 0  # a one-token sequence: no pair at all with offset 1
+    got = pair_sums(k, v, mask, offset)
+    torch.testing.assert_close(
+        got.double(), loop_pair_sums(k, v, mask, offset), atol=1e-5, rtol=1e-5
+    )
+    if offset:
+        assert got[2].abs().max() == 0
+
+
+def test_next_pairing_state_is_the_sum_of_consecutive_pairs_per_chunk():
+    base = load_base(None, device="cpu", dtype=torch.float32)
+    gen = Generator.for_base(base.model, GeneratorConfig(seed=3, pairing="next"))
+    model = AdaptedModel(base, gen, chunk_tokens=TEST_CHUNK)
+    name = next(iter(gen.shapes))
+    adapter, layer = gen.adapter(name), base.model.get_submodule(name)
+    captured = []
+    hook = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    try:
+        state, _ = model.encode(DOCUMENT)
+    finally:
+        hook.remove()
+    lengths = [len(c) for c in chunked(token_stream(model.tokenizer, DOCUMENT), TEST_CHUNK)]
+    rows = [row for x in captured for row in x]  # chunk batches are right-padded
+    assert len(rows) == len(lengths) > 1
+    expected = torch.zeros(gen.config.r1, gen.config.r2, dtype=torch.float64)
+    norm = adapter.norm.double()
+    for row, n in zip(rows, lengths):
+        h = row[:n].double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + adapter.eps) * norm
+        k, v = h @ adapter.Wk.double().T, h @ adapter.Wv.double().T
+        expected += k[:-1].T @ v[1:]
+    torch.testing.assert_close(state.sums[name].double(), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_pairing_survives_save_and_load_and_bad_pairing_is_rejected(tmp_path):
+    base = load_base(None, device="cpu", dtype=torch.float32)
+    gen = Generator.for_base(base.model, GeneratorConfig(pairing="next")).randomize_(seed=1)
+    gen.save_pretrained(tmp_path / "g", base.fingerprint)
+    loaded = Generator.from_pretrained(tmp_path / "g", base.fingerprint)
+    assert loaded.config.pairing == "next"
+    assert all(layer.value_offset == 1 for layer in loaded.layers.values())
+    assert loaded.fingerprint() == gen.fingerprint()
+    meta = json.loads((tmp_path / "g" / "config.json").read_text())
+    meta["config"]["pairing"] = "previous"
+    (tmp_path / "g" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(GeneratorFormatError, match="pairing"):
+        Generator.from_pretrained(tmp_path / "g", base.fingerprint)
