@@ -5,7 +5,8 @@ For an adapted linear layer with input size d_in and output size d_out:
     h = RMSNorm(x)            x: the layer's own input during the context pass (T x d_in)
     K = h Wk^T, V = h Wv^T    (T x r1), (T x r2)
     S += K^T V                (r1 x r2), summed over every absorbed token ("same" pairing), or
-    S += K[:-1]^T V[1:]       each token's key with the next token's value ("next" pairing)
+    S += K[:-1]^T V[1:]       each token's key with the next token's value ("next" pairing);
+                              "both": the first r2/2 value columns "same", the rest "next"
     y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S)
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 from .state import atomic_write
 
 CONFIG_NAME = "config.json"
-PAIRINGS = ("same", "next")
+PAIRINGS = ("same", "next", "both")
 WEIGHTS_NAME = "generator.safetensors"
 
 
@@ -39,9 +40,10 @@ class GeneratorConfig:
     r2: int = 32
     alpha: float = 1.0
     chunk_tokens: int = 512  # context chunk length the generator was trained with
-    # "next": token t's key stores token t+1's value, so the state maps "what comes next here"
-    # to the next token, which a question about the text can look up. "same": t's key with t's
-    # own value (generators trained before this option existed).
+    # "same": token t's key with t's own value (generators trained before this option existed).
+    # "next": t's key with token t+1's value, so the state maps "what comes next here" to the
+    # next token, which a question about the text can look up. "both": half the value columns
+    # each way (docs/ARCHITECTURE.md).
     pairing: str = "same"
     seed: int = 0
     extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
@@ -85,11 +87,11 @@ class LayerAdapter(nn.Module):
         r2: int,
         alpha: float,
         g: torch.Generator,
-        value_offset: int = 0,
+        pairing: str = "same",
     ):
         super().__init__()
         self.alpha = alpha
-        self.value_offset = value_offset  # 1: token t's key pairs with token t+1's value
+        self.pairing = pairing
         self.eps = 1e-6
         self.norm = nn.Parameter(torch.ones(d_in))
         self.Wk = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
@@ -102,7 +104,7 @@ class LayerAdapter(nn.Module):
         """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32."""
         x = x.float()
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
-        return pair_sums(h @ self.Wk.T, h @ self.Wv.T, token_mask, self.value_offset)
+        return pair_sums(h @ self.Wk.T, h @ self.Wv.T, token_mask, self.pairing)
 
     def delta(self, x: torch.Tensor, s_hat: torch.Tensor) -> torch.Tensor:
         """alpha * B (S_hat^T (A x)) per sequence: x (b, t, d_in), s_hat (b, r1, r2)."""
@@ -111,13 +113,19 @@ class LayerAdapter(nn.Module):
 
 
 def pair_sums(
-    k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None, offset: int
+    k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None, pairing: str
 ) -> torch.Tensor:
-    """sum_t k_t v_{t+offset}^T over the pairs whose two tokens are both real (unmasked)."""
-    if offset:
-        k, v = k[:, :-offset], v[:, offset:]
+    """Per sequence, k_t v_t^T ("same") or k_t v_{t+1}^T ("next") summed over the pairs whose
+    tokens are all real (unmasked); "both": the first half of v's columns "same", the rest "next".
+    (b, t, r1), (b, t, r2) -> (b, r1, r2)."""
+    if pairing == "both":
+        half = v.shape[-1] // 2
+        same = pair_sums(k, v[..., :half], token_mask, "same")
+        return torch.cat([same, pair_sums(k, v[..., half:], token_mask, "next")], dim=-1)
+    if pairing == "next":
+        k, v = k[:, :-1], v[:, 1:]
         if token_mask is not None:
-            token_mask = token_mask[:, :-offset] * token_mask[:, offset:]
+            token_mask = token_mask[:, :-1] * token_mask[:, 1:]
     if token_mask is not None:
         k = k * token_mask.unsqueeze(-1).to(k.dtype)
     return k.mT @ v
@@ -129,10 +137,11 @@ class Generator(nn.Module):
         self.config = config
         self.shapes = dict(shapes)  # adapted layer name -> (d_in, d_out)
         g = torch.Generator().manual_seed(config.seed)  # same seed, same fresh generator
-        offset = PAIRINGS.index(config.pairing)
         self.layers = nn.ModuleDict(
             {
-                _key(name): LayerAdapter(d_in, d_out, config.r1, config.r2, config.alpha, g, offset)
+                _key(name): LayerAdapter(
+                    d_in, d_out, config.r1, config.r2, config.alpha, g, config.pairing
+                )
                 for name, (d_in, d_out) in self.shapes.items()
             }
         )
@@ -149,7 +158,7 @@ class Generator(nn.Module):
             raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
         self.config.pairing = pairing
         for layer in self.layers.values():
-            layer.value_offset = PAIRINGS.index(pairing)
+            layer.pairing = pairing
         return self
 
     def adapter(self, name: str) -> LayerAdapter:

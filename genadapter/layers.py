@@ -63,8 +63,8 @@ def lowrank_delta(x: torch.Tensor, adapter: LayerAdapter, s_hat: torch.Tensor) -
 
 def kv_sums(x: torch.Tensor, adapter: LayerAdapter, token_mask: torch.Tensor | None):
     """The context pass's K^T V sums, dispatched like lowrank_delta."""
-    # The fused kernel pairs each token with itself; "next" pairing runs as plain matmuls.
-    if x.is_cuda and kernels.backend() != "reference" and not adapter.value_offset:
+    # The fused kernel pairs each token with itself; other pairings run as plain matmuls.
+    if x.is_cuda and kernels.backend() != "reference" and adapter.pairing == "same":
         return kernels.kv_sums(x, adapter.norm, adapter.Wk, adapter.Wv, token_mask, adapter.eps)
     return adapter.kv_sums(x, token_mask)
 

@@ -1,4 +1,4 @@
-"""The "next" pairing: token t's key with token t+1's value, checked against a loop over tokens."""
+"""Key/value pairings ("same", "next", "both"), checked against a loop over tokens."""
 
 from __future__ import annotations
 
@@ -15,27 +15,30 @@ from genadapter.text import chunked, token_stream
 from .conftest import DOCUMENT, TEST_CHUNK
 
 
-def loop_pair_sums(k, v, mask, offset):
+def loop_pair_sums(k, v, mask, pairing):
+    """sum over t of k_t v_{t+o}^T, column by column, o = 1 for "next" columns."""
+    half = v.shape[2] // 2
     out = torch.zeros(k.shape[0], k.shape[2], v.shape[2], dtype=torch.float64)
     for b in range(k.shape[0]):
-        for t in range(k.shape[1] - offset):
-            if mask[b, t] and mask[b, t + offset]:
-                out[b] += torch.outer(k[b, t].double(), v[b, t + offset].double())
+        for j in range(v.shape[2]):
+            o = 1 if pairing == "next" or (pairing == "both" and j >= half) else 0
+            for t in range(k.shape[1] - o):
+                if mask[b, t] and mask[b, t + o]:
+                    out[b, :, j] += k[b, t].double() * v[b, t + o, j].double()
     return out
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_pair_sums_match_a_loop_over_real_token_pairs(offset):
-    g = torch.Generator().manual_seed(offset)
-    k, v = torch.randn(3, 9, 4, generator=g), torch.randn(3, 9, 5, generator=g)
+@pytest.mark.parametrize("pairing", ["same", "next", "both"])
+def test_pair_sums_match_a_loop_over_real_token_pairs(pairing):
+    g = torch.Generator().manual_seed(len(pairing))
+    k, v = torch.randn(3, 9, 4, generator=g), torch.randn(3, 9, 6, generator=g)
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:] = 0  # right padding
-    mask[2, 1:] = 0  # a one-token sequence: no pair at all with offset 1
-    got = pair_sums(k, v, mask, offset)
-    torch.testing.assert_close(
-        got.double(), loop_pair_sums(k, v, mask, offset), atol=1e-5, rtol=1e-5
-    )
-    if offset:
+    mask[2, 1:] = 0  # a one-token sequence: no "next" pair at all
+    got = pair_sums(k, v, mask, pairing)
+    expected = loop_pair_sums(k, v, mask, pairing)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    if pairing == "next":
         assert got[2].abs().max() == 0
 
 
@@ -70,7 +73,7 @@ def test_pairing_survives_save_and_load_and_bad_pairing_is_rejected(tmp_path):
     gen.save_pretrained(tmp_path / "g", base.fingerprint)
     loaded = Generator.from_pretrained(tmp_path / "g", base.fingerprint)
     assert loaded.config.pairing == "next"
-    assert all(layer.value_offset == 1 for layer in loaded.layers.values())
+    assert all(layer.pairing == "next" for layer in loaded.layers.values())
     assert loaded.fingerprint() == gen.fingerprint()
     meta = json.loads((tmp_path / "g" / "config.json").read_text())
     meta["config"]["pairing"] = "previous"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 # Names are random syllables from a large space, so no answer can be guessed from what training
@@ -37,28 +37,32 @@ FILLER = [
     "The weather there changes quickly in the afternoon.",
     "There is a small museum nearby with a few related objects.",
 ]
-WORDNET_NOUNS = Path("/usr/share/wordnet/index.noun")  # Debian's wordnet package
+WORDNET_SYNSETS = Path("/usr/share/wordnet/data.noun")  # Debian's wordnet package
+# WordNet lexicographer files (noun.animal, noun.food, ...) whose nouns fill a slot of that kind.
+CATEGORIES = {"act": 4, "animal": 5, "artifact": 6, "cognition": 9, "food": 13, "substance": 27}
 
 
-@lru_cache(maxsize=1)
-def open_vocabulary() -> tuple[str, ...]:
-    """Plain lower-case WordNet nouns of 4-9 letters (about 36,000), or () without WordNet.
-    Answers drawn from them cannot be guessed from a closed list seen in training: the generator
-    has to copy the word out of the absorbed document."""
-    if not WORDNET_NOUNS.is_file():
+@cache
+def category_words(category: str) -> tuple[str, ...]:
+    """Plain lower-case WordNet nouns of 3-10 letters of one kind ("animal": about 7,000), or ()
+    without WordNet. An answer drawn from them is of the kind the question asks for, which the
+    base model can recognise in the document, but too rare to be guessed."""
+    if not WORDNET_SYNSETS.is_file():
         return ()
-    words = []
-    for line in WORDNET_NOUNS.read_text(encoding="utf-8", errors="replace").splitlines():
-        lemma = line.split(" ", 1)[0]
-        plain = lemma.isalpha() and lemma.islower() and 4 <= len(lemma) <= 9
-        if plain and not line.startswith(" "):
-            words.append(lemma)
-    return tuple(words)
+    words = set()
+    for line in WORDNET_SYNSETS.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split(" ", 4 + 2 * 16)
+        if line.startswith(" ") or len(fields) < 5 or int(fields[1]) != CATEGORIES[category]:
+            continue
+        for lemma in fields[4 : 4 + 2 * int(fields[3], 16) : 2]:
+            if lemma.isalpha() and lemma.islower() and 3 <= len(lemma) <= 10:
+                words.add(lemma)
+    return tuple(sorted(words))
 
 
-def pick(rng: random.Random, closed: list[str]) -> str:
-    """Mostly an open-vocabulary word, sometimes one from the slot's closed list."""
-    vocabulary = open_vocabulary()
+def pick(rng: random.Random, closed: list[str], category: str) -> str:
+    """Mostly a WordNet noun of the slot's kind, sometimes one from its closed list."""
+    vocabulary = category_words(category)
     return rng.choice(vocabulary) if vocabulary and rng.random() < 0.7 else rng.choice(closed)
 
 
@@ -93,7 +97,11 @@ def _town(rng):
     town = name(rng, 3)
     founded, founder = str(rng.randint(1200, 1950)), person(rng)
     river, population = f"the {name(rng)} River", f"{rng.randint(2, 90)},{rng.randint(100, 999)}"
-    trade, animal, colour = pick(rng, TRADES), pick(rng, ANIMALS), pick(rng, COLOURS)
+    trade, animal, colour = (
+        pick(rng, TRADES, "act"),
+        pick(rng, ANIMALS, "animal"),
+        rng.choice(COLOURS),
+    )
     return [
         (f"{town} was founded in {founded}.", f"In which year was {town} founded?", founded),
         (f"The town lies on the banks of {river}.", f"On which river does {town} lie?", river),
@@ -123,8 +131,12 @@ def _town(rng):
 def _person(rng):
     who = person(rng)
     first = who.split()[0]
-    born, city, work = str(rng.randint(1700, 1990)), name(rng, 3), pick(rng, TRADES)
-    material, prize, pet = pick(rng, MATERIALS), f"the {name(rng)} Medal", pick(rng, ANIMALS)
+    born, city, work = str(rng.randint(1700, 1990)), name(rng, 3), pick(rng, TRADES, "act")
+    material, prize, pet = (
+        pick(rng, MATERIALS, "substance"),
+        f"the {name(rng)} Medal",
+        pick(rng, ANIMALS, "animal"),
+    )
     return [
         (
             f"{who} was born in {born} in the city of {city}.",
@@ -154,7 +166,11 @@ def _person(rng):
 def _ship(rng):
     ship = f"the {name(rng)}"
     captain, port, launched = person(rng), name(rng, 3), str(rng.randint(1600, 1930))
-    cargo, wreck, crew = pick(rng, CARGO), name(rng, 2) + " Reef", str(rng.randint(12, 300))
+    cargo, wreck, crew = (
+        pick(rng, CARGO, "substance"),
+        name(rng, 2) + " Reef",
+        str(rng.randint(12, 300)),
+    )
     return [
         (
             f"{_upper_first(ship)} was a merchant ship launched in {launched}.",
@@ -175,8 +191,8 @@ def _ship(rng):
 
 def _festival(rng):
     fest = f"the {name(rng)} Festival"
-    town, month, food = name(rng, 3), rng.choice(MONTHS), pick(rng, FOODS)
-    organiser, colour, days = person(rng), pick(rng, COLOURS), str(rng.randint(2, 12))
+    town, month, food = name(rng, 3), rng.choice(MONTHS), pick(rng, FOODS, "food")
+    organiser, colour, days = person(rng), rng.choice(COLOURS), str(rng.randint(2, 12))
     return [
         (
             f"{_upper_first(fest)} is held every year in {town}.",
@@ -206,7 +222,11 @@ def _festival(rng):
 def _musician(rng):
     who = person(rng)
     first = who.split()[0]
-    instrument, band, teacher = pick(rng, INSTRUMENTS), f"the {name(rng)} Players", person(rng)
+    instrument, band, teacher = (
+        pick(rng, INSTRUMENTS, "artifact"),
+        f"the {name(rng)} Players",
+        person(rng),
+    )
     album, home = name(rng, 3), name(rng, 3)
     return [
         (f"{who} is a musician from {home}.", f"Where is {who} from?", home),
@@ -231,8 +251,12 @@ def _musician(rng):
 
 def _school(rng):
     school = f"{name(rng, 3)} College"
-    head, subject, pupils = person(rng), pick(rng, SUBJECTS), str(rng.randint(80, 1500))
-    opened, mascot, town = str(rng.randint(1500, 1990)), pick(rng, ANIMALS), name(rng, 3)
+    head, subject, pupils = (
+        person(rng),
+        pick(rng, SUBJECTS, "cognition"),
+        str(rng.randint(80, 1500)),
+    )
+    opened, mascot, town = str(rng.randint(1500, 1990)), pick(rng, ANIMALS, "animal"), name(rng, 3)
     return [
         (f"{school} is a school in {town}.", f"In which town is {school}?", town),
         (f"It opened in {opened}.", f"When did {school} open?", opened),
