@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--held-out", type=int, default=32, help="examples scored at each evaluation")
     p.add_argument("--out", default="training/runs/read_probe.jsonl")
     args = p.parse_args()
 
@@ -97,7 +98,7 @@ def main() -> None:
         fresh = Generator.for_base(base.model, GeneratorConfig(pairing=args.pairing))
         model = AdaptedModel(base, fresh)
     example = TASKS[args.task]
-    held_out = [example(random.Random(1_000_000 + i)) for i in range(32)]
+    held_out = [example(random.Random(1_000_000 + i)) for i in range(args.held_out)]
     rng = random.Random(0)
     params = list(model.generator.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr)
