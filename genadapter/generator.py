@@ -48,6 +48,9 @@ class GeneratorConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
 
+    def __post_init__(self):
+        check_pairing(self.pairing)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
@@ -58,10 +61,12 @@ class GeneratorConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "targets" in known:
             known["targets"] = tuple(known["targets"])
-        config = cls(**known)
-        if config.pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {PAIRINGS}, not {config.pairing!r}")
-        return config
+        return cls(**known)
+
+
+def check_pairing(pairing: str) -> None:
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
 
 
 def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -153,9 +158,8 @@ class Generator(nn.Module):
         return cls(config, {n: (m.in_features, m.out_features) for n, m in targets.items()})
 
     def set_pairing(self, pairing: str) -> Generator:
-        """Switch how keys pair with values (training a generator on from one of the other kind)."""
-        if pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
+        """Switch how keys pair with values, e.g. to go on training a "same" generator as "next"."""
+        check_pairing(pairing)
         self.config.pairing = pairing
         for layer in self.layers.values():
             layer.pairing = pairing

@@ -80,3 +80,7 @@ def test_pairing_survives_save_and_load_and_bad_pairing_is_rejected(tmp_path):
     (tmp_path / "g" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(GeneratorFormatError, match="pairing"):
         Generator.from_pretrained(tmp_path / "g", base.fingerprint)
+    with pytest.raises(ValueError, match="pairing"):
+        GeneratorConfig(pairing="previous")
+    with pytest.raises(ValueError, match="pairing"):
+        loaded.set_pairing("previous")
