@@ -8,9 +8,9 @@ can only come from the absorbed document.
 invented names, numbers or WordNet nouns, so the answer has to be copied from the document.
 
 Trains a copy of a generator (or a fresh one with --pairing) for --steps on fresh examples and
-logs, on 32 fixed held-out examples, the answer's loss with no context, with the document in the
-prompt, absorbed, and with another example's document absorbed (the gap to "absorbed" is what is
-read from the state rather than guessed from the question).
+logs, on fixed held-out examples (--held-out, 32), the answer's loss with no context, with the
+document in the prompt, absorbed, and with another example's document absorbed (the gap to
+"absorbed" is what is read from the state rather than guessed from the question).
 
     python training/read_probe.py --generator training/checkpoints/smollm2-135m-v0 --steps 200
     python training/read_probe.py --task any --pairing next --steps 300

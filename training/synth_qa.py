@@ -44,14 +44,14 @@ CATEGORIES = {"act": 4, "animal": 5, "artifact": 6, "cognition": 9, "food": 13, 
 
 @cache
 def category_words(category: str) -> tuple[str, ...]:
-    """Plain lower-case WordNet nouns of 3-10 letters of one kind ("animal": about 7,000), or ()
+    """Plain lower-case WordNet nouns of 3-10 letters of one kind (1,500-7,000 of each), or ()
     without WordNet. An answer drawn from them is of the kind the question asks for, which the
     base model can recognise in the document, but too rare to be guessed."""
     if not WORDNET_SYNSETS.is_file():
         return ()
     words = set()
     for line in WORDNET_SYNSETS.read_text(encoding="utf-8", errors="replace").splitlines():
-        fields = line.split(" ", 4 + 2 * 16)
+        fields = line.split()  # offset, lexicographer file, type, word count (hex), words...
         if line.startswith(" ") or len(fields) < 5 or int(fields[1]) != CATEGORIES[category]:
             continue
         for lemma in fields[4 : 4 + 2 * int(fields[3], 16) : 2]:
