@@ -6,6 +6,8 @@ answers, so an answer guessed from the prior costs ln(10) = 2.30 nats, and a los
 can only come from the absorbed document.
 --task any: one synthetic entity document and a question about any of its facts; most answers are
 invented names, numbers or WordNet nouns, so the answer has to be copied from the document.
+--task word: the same, only questions answered by one lower-case word (mostly a WordNet noun of
+the kind asked for: an animal, a dish, a material...).
 
 Trains a copy of a generator (or a fresh one with --pairing) for --steps on fresh examples and
 logs, on fixed held-out examples (--held-out, 32), the answer's loss with no context, with the
@@ -49,7 +51,14 @@ def any_example(rng: random.Random) -> Example:
     return make_example(rng, distractors=0)
 
 
-TASKS = {"month": month_example, "any": any_example}
+def word_example(rng: random.Random) -> Example:
+    """A question whose answer is one lower-case word (an animal, a dish, a material...)."""
+    while not (ex := any_example(rng)).answer.isalpha() or not ex.answer.islower():
+        pass
+    return ex
+
+
+TASKS = {"month": month_example, "any": any_example, "word": word_example}
 
 
 def samples(model, ex: Example) -> dict[str, Sample]:
