@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--held-out", type=int, default=32, help="examples scored at each evaluation")
     p.add_argument("--out", default="training/runs/read_probe.jsonl")
+    p.add_argument("--save", metavar="DIR", help="write the trained generator here at the end")
     args = p.parse_args()
 
     if args.generator:
@@ -124,6 +125,8 @@ def main() -> None:
             print(row, flush=True)
             model.generator.train()
         if step == args.steps:
+            if args.save:
+                model.generator.save_pretrained(args.save, model.base_fingerprint)
             break
         model.generator.requires_grad_(True)
         batch = [samples(model, example(rng))["adapter"] for _ in range(args.batch)]
