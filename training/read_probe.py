@@ -53,9 +53,10 @@ def any_example(rng: random.Random) -> Example:
 
 def word_example(rng: random.Random) -> Example:
     """A question whose answer is one lower-case word (an animal, a dish, a material...)."""
-    while not (ex := any_example(rng)).answer.isalpha() or not ex.answer.islower():
-        pass
-    return ex
+    while True:
+        ex = any_example(rng)
+        if ex.answer.isalpha() and ex.answer.islower():
+            return ex
 
 
 TASKS = {"month": month_example, "any": any_example, "word": word_example}
@@ -110,6 +111,7 @@ def main() -> None:
     example = TASKS[args.task]
     held_out = [example(random.Random(1_000_000 + i)) for i in range(args.held_out)]
     rng = random.Random(0)
+    model.generator.requires_grad_(True)  # load() hands out a frozen generator
     params = list(model.generator.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,6 @@ def main() -> None:
             if args.save:
                 model.generator.save_pretrained(args.save, model.base_fingerprint)
             break
-        model.generator.requires_grad_(True)
         batch = [samples(model, example(rng))["adapter"] for _ in range(args.batch)]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
