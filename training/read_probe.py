@@ -8,6 +8,8 @@ can only come from the absorbed document.
 invented names, numbers or WordNet nouns, so the answer has to be copied from the document.
 --task word: the same, only questions answered by one lower-case word (mostly a WordNet noun of
 the kind asked for: an animal, a dish, a material...).
+--held-out-task eval scores the held-out answers on the evaluation's own QA generator instead
+(other templates and names; never trained on): whether what was learned transfers.
 
 Trains a copy of a generator (or a fresh one with --pairing) for --steps on fresh examples and
 logs, on fixed held-out examples (--held-out, 32), the answer's loss with no context, with the
@@ -16,6 +18,7 @@ document in the prompt, absorbed, and with another example's document absorbed (
 
     python training/read_probe.py --generator training/checkpoints/smollm2-135m-v0 --steps 200
     python training/read_probe.py --task any --pairing next --steps 300
+    python training/read_probe.py --generator DIR --steps 0 --held-out 24 --held-out-task eval
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from train import Sample, adapter_loss, answer_sample, target_loss  # noqa: E402
 
 import genadapter  # noqa: E402
 from genadapter.base import load_base  # noqa: E402
+from genadapter.eval.fictional import qa_examples  # noqa: E402
+from genadapter.eval.runner import QA_INSTRUCTION  # noqa: E402
 from genadapter.generator import PAIRINGS, Generator, GeneratorConfig  # noqa: E402
 from genadapter.model import AdaptedModel  # noqa: E402
 
@@ -59,7 +64,17 @@ def word_example(rng: random.Random) -> Example:
             return ex
 
 
+def eval_example(rng: random.Random) -> Example:
+    """A question from the evaluation's own QA generator (other templates and names than
+    synth_qa's), for held-out scoring only, never training: does what was learned on synth_qa
+    transfer? Seed 0, the one `genadapter eval` uses, is never drawn."""
+    example = qa_examples(1, 1, seed=rng.randrange(1, 2**31))[0]
+    question = example.questions[0]
+    return Example(example.context, f"{question.text} {QA_INSTRUCTION}", question.answers[0])
+
+
 TASKS = {"month": month_example, "any": any_example, "word": word_example}
+HELD_OUT_TASKS = {**TASKS, "eval": eval_example}
 
 
 def samples(model, ex: Example) -> dict[str, Sample]:
@@ -88,6 +103,20 @@ def held_out_losses(model, examples) -> dict[str, float]:
     return {k: round(v / len(examples), 4) for k, v in totals.items()}
 
 
+def provenance(args, step: int, tokens: int, last_eval: dict) -> dict:
+    """What a saved generator's config.json records of this stage (training/package.py keeps it)."""
+    return {
+        "stage": f"read_probe --task {args.task}",
+        "args": vars(args),
+        "steps": step,
+        "tokens": tokens,
+        "wall_seconds": last_eval["seconds"],
+        "device": "cpu",
+        "data": "training/synth_qa.py: generated entity documents and questions (DATA.md)",
+        "last_eval": last_eval,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--generator", help="generator folder to start from (default: a fresh one)")
@@ -98,8 +127,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--held-out", type=int, default=32, help="examples scored at each evaluation")
+    p.add_argument(
+        "--held-out-task",
+        choices=sorted(HELD_OUT_TASKS),
+        help="what the held-out examples ask (default: --task); eval: the evaluation's QA",
+    )
+    p.add_argument("--seed", type=int, default=0, help="of the training examples")
     p.add_argument("--out", default="training/runs/read_probe.jsonl")
-    p.add_argument("--save", metavar="DIR", help="write the trained generator here at the end")
+    p.add_argument("--save", metavar="DIR", help="write the generator here at every evaluation")
     args = p.parse_args()
 
     if args.generator:
@@ -109,28 +144,31 @@ def main() -> None:
         fresh = Generator.for_base(base.model, GeneratorConfig(pairing=args.pairing))
         model = AdaptedModel(base, fresh)
     example = TASKS[args.task]
-    held_out = [example(random.Random(1_000_000 + i)) for i in range(args.held_out)]
-    rng = random.Random(0)
+    held_out_example = HELD_OUT_TASKS[args.held_out_task or args.task]
+    held_out = [held_out_example(random.Random(1_000_000 + i)) for i in range(args.held_out)]
+    rng = random.Random(args.seed)
     model.generator.requires_grad_(True)  # load() hands out a frozen generator
     params = list(model.generator.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out, "w")
-    start = time.perf_counter()
+    start, tokens = time.perf_counter(), 0
     for step in range(args.steps + 1):
-        if step % args.eval_every == 0:
+        if step % args.eval_every == 0 or step == args.steps:
             model.generator.eval()
             row = {"step": step, "seconds": round(time.perf_counter() - start, 1)}
             row.update(held_out_losses(model, held_out))
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(row, flush=True)
+            if args.save:  # at every evaluation, so a long run can be stopped and still used
+                model.generator.config.extra = provenance(args, step, tokens, row)
+                model.generator.save_pretrained(args.save, model.base_fingerprint)
             model.generator.train()
         if step == args.steps:
-            if args.save:
-                model.generator.save_pretrained(args.save, model.base_fingerprint)
             break
         batch = [samples(model, example(rng))["adapter"] for _ in range(args.batch)]
+        tokens += sum(len(x.context) + len(x.target) for x in batch)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = adapter_loss(model, batch)
