@@ -25,14 +25,20 @@ import pytest
 import torch
 import uvicorn
 
+from genadapter.base import load_base
 from genadapter.cli import main
 from genadapter.generation import SamplingParams, generate_ids, stream_text
+from genadapter.generator import Generator
+from genadapter.model import AdaptedModel
 from genadapter.server.app import ServerConfig, create_app
 from genadapter.server.store import SESSION_ID, DocumentInfo, SessionStore
+from genadapter.server.worker import Finished, ModelWorker
+from genadapter.state import AdapterState
 
-from .conftest import DOCUMENT, TEST_CHUNK
+from .conftest import DOCUMENT, TEST_CHUNK, make_tiny_base
 
 KEY = "test-key-5d1f0c"
+MODEL = "SmolLM2-135M-Instruct"  # the base model's id in /v1/models
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 120  # seconds; every wait below is bounded
 
@@ -95,10 +101,15 @@ def saved_state(model, server, sid: str):
     return model.load_session(server.store / "states" / f"{sid}.safetensors").state
 
 
+def prompt_ids(model, messages: list[dict]) -> list[int]:
+    """The chat template's tokens for `messages`, as the server builds its prompt."""
+    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def reference_answer(model, state, messages: list[dict], max_tokens: int) -> str:
     """The same chat decoded alone by the library (greedy)."""
-    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = prompt_ids(model, messages)
     tokens = generate_ids(model, ids, state, SamplingParams(max_new_tokens=max_tokens))
     return "".join(stream_text(model.tokenizer, tokens, []))
 
@@ -166,7 +177,7 @@ def test_chat_non_streaming_and_streaming_use_the_session_state(server, random_m
     assert expected != reference_answer(random_model, None, messages, 8)  # the state matters
 
     r = server.openai.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=messages,
         max_tokens=8,
         temperature=0,
@@ -177,7 +188,7 @@ def test_chat_non_streaming_and_streaming_use_the_session_state(server, random_m
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
 
     stream = server.openai.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=messages,
         max_tokens=8,
         temperature=0,
@@ -193,7 +204,7 @@ def test_chat_non_streaming_and_streaming_use_the_session_state(server, random_m
 
     # Without session_id the request is the base model's (an empty session).
     plain = server.openai.chat.completions.create(
-        model="any", messages=messages, max_tokens=8, temperature=0
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
     )
     assert plain.choices[0].message.content == reference_answer(random_model, None, messages, 8)
 
@@ -249,7 +260,7 @@ def test_twenty_concurrent_chats_across_five_sessions(server, random_model):
 
     def chat(job):
         sid, question, stream = job
-        kwargs = dict(model="any", messages=ask(question), max_tokens=8, temperature=0)
+        kwargs = dict(model=MODEL, messages=ask(question), max_tokens=8, temperature=0)
         r = server.openai.chat.completions.create(
             **kwargs, stream=stream, extra_body={"session_id": sid}
         )
@@ -277,7 +288,7 @@ def test_slow_reader_holds_up_nobody_and_disconnect_frees_its_row(server):
         assert next(lines).startswith("data: ")
         # The slow stream is unread; another chat still completes.
         quick = server.openai.chat.completions.create(
-            model="any", messages=ask("Hi"), max_tokens=4, temperature=0
+            model=MODEL, messages=ask("Hi"), max_tokens=4, temperature=0
         )
         assert quick.choices[0].message.content
         assert worker.pending >= 1  # the long one is still being generated
@@ -358,15 +369,380 @@ def test_api_key_is_required(server):
             assert r.status_code == 401, (headers, path)
     bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        bad.chat.completions.create(model="any", messages=ask("hi"), max_tokens=2)
+        bad.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2)
     models = server.openai.models.list()
-    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    assert models.data[0].id == MODEL
 
 
 def test_a_key_is_required_off_loopback(tmp_path, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--store", str(tmp_path)]) == 1
     assert "--api-key" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before loading anything or making the store
+
+
+# -- sampling parameters: validated at the boundary, and one request's failure is its own -------
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "extra, status, param",
+    [
+        ({"seed": 18446744073709551616, "temperature": 1}, 422, "seed"),  # the issue's input
+        ({"seed": 2**63}, 422, "seed"),
+        ({"seed": -(2**63) - 1}, 422, "seed"),
+        ({"seed": 1.5}, 422, "seed"),
+        ({"temperature": 2.5}, 422, "temperature"),
+        ({"temperature": -0.1}, 422, "temperature"),
+        ({"top_p": 1.5}, 422, "top_p"),
+        ({"max_tokens": 0}, 422, "max_tokens"),
+        ({"max_tokens": 2.5}, 422, "max_tokens"),
+        ({"max_completion_tokens": 0}, 422, "max_completion_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+        ({"presence_penalty": 2.5}, 422, "presence_penalty"),
+        ({"frequency_penalty": -3}, 422, "frequency_penalty"),
+        ({"logit_bias": {"11426": 101}}, 422, "logit_bias"),
+        ({"logit_bias": {"-1": 5}}, 422, "logit_bias"),
+        ({"logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+        ({"top_logprobs": 21}, 422, "top_logprobs"),
+        ({"logprobs": True}, 400, "logprobs"),
+        ({"n": 3}, 422, "n"),
+    ],
+)
+def test_sampling_parameters_outside_openai_ranges_are_refused(server, extra, status, param):
+    body = {"messages": ask("hi"), "max_tokens": 2, **extra}
+    for stream in (False, True):
+        r = server.http.post(CHAT, json={**body, "stream": stream})
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["param"].split(".")[0] == param
+    assert server.app.state.worker.pending == 0  # nothing reached the model
+
+
+def test_sampling_parameters_at_the_edges_of_their_ranges_are_served(server, random_model):
+    edges = [
+        {"seed": INT64_MAX, "temperature": 2, "top_p": 1e-9},
+        {"seed": -(2**63), "temperature": 1, "presence_penalty": -2, "frequency_penalty": 2},
+    ]
+    for extra in edges:
+        r = server.http.post(CHAT, json={"messages": ask("hi"), "max_tokens": 2, **extra})
+        assert r.status_code == 200, r.text
+    # A temperature too small to divide logits by (1e-45 made them inf, then NaN) is greedy.
+    messages = ask("Say something.")
+    r = server.http.post(CHAT, json={"messages": messages, "max_tokens": 4, "temperature": 1e-45})
+    assert r.status_code == 200, r.text
+    expected = reference_answer(random_model, None, messages, 4)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_a_bad_seed_is_refused_while_another_users_stream_runs_on(server, random_model):
+    sid = new_session(server, DOCS[1])
+    messages = ask("Describe the ferry.")
+    expected = reference_answer(random_model, saved_state(random_model, server, sid), messages, 12)
+    body = {"messages": messages, "session_id": sid, "max_tokens": 12, "temperature": 0}
+    with server.http.stream("POST", CHAT, json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = next(lines)  # the first user's answer is under way
+        bad = server.http.post(
+            CHAT, json={"messages": ask("hi"), "seed": 18446744073709551616, "temperature": 1}
+        )
+        rest = [line for line in lines if line]
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "seed", bad.text
+    events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert not [e for e in events if "error" in e]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected
+
+
+def drain(job, timeout: float = TIMEOUT) -> tuple[list[int], Finished]:
+    """A worker job's tokens and how it ended."""
+    tokens = []
+    while not isinstance(item := job.tokens.get(timeout=timeout), Finished):
+        tokens.append(item)
+    return tokens, item
+
+
+def broken(state: AdapterState) -> AdapterState:
+    """`state` with sums of the wrong shape for the model: any forward under it fails."""
+    shapes = {name: torch.ones(3, 3) for name in state.sums}
+    state.sums = shapes
+    state.add_(AdapterState({name: torch.zeros(3, 3) for name in shapes}))  # drops the cache
+    return state
+
+
+def test_the_worker_fails_only_the_row_whose_computation_failed(random_model):
+    """Bad requests sent straight to the model worker, as if validation were bypassed, while
+    another user's chat generates: each fails alone, with its own error, at whichever stage it
+    fails (its seed, sampling, the batched prefill, a decode step); every other chat ends exactly
+    as it would alone."""
+    state = random_model.encode(DOCS[0])[0]
+    prompt = prompt_ids(random_model, ask("Write a long story."))
+    expected = list(generate_ids(random_model, prompt, state, SamplingParams(max_new_tokens=16)))
+    assert len(expected) == 16  # no end of sequence: every chat below is cut by its length
+    bad_seed = SamplingParams(max_new_tokens=8, temperature=1.0)
+    bad_seed.seed = 18446744073709551616  # torch: "Overflow when unpacking long long"
+    bad_temperature = SamplingParams(max_new_tokens=8, temperature=1.0)
+    bad_temperature.temperature = float("nan")  # sampling: "probability tensor contains nan"
+    worker = ModelWorker(random_model, max_batch=8).start()
+    try:
+        running = worker.chat(prompt, state, SamplingParams(max_new_tokens=16))
+        first = running.tokens.get(timeout=TIMEOUT)  # under way
+        victim_state = state.clone()
+        victim = worker.chat(prompt, victim_state, SamplingParams(max_new_tokens=16))
+        victim_first = victim.tokens.get(timeout=TIMEOUT)
+        bad = {
+            "seed": worker.chat(prompt, None, bad_seed),
+            "temperature": worker.chat(prompt, None, bad_temperature),
+            "state": worker.chat(prompt, broken(state.clone()), SamplingParams(max_new_tokens=8)),
+        }
+        neighbour = worker.chat(prompt, state, SamplingParams(max_new_tokens=8))  # same turn
+        broken(victim_state)  # fails in its next decode step, in the middle of the batch
+        ends = {name: drain(job)[1] for name, job in bad.items()}
+        victim_tokens, victim_end = drain(victim)
+        running_tokens, running_end = drain(running)
+        neighbour_tokens, neighbour_end = drain(neighbour)
+        assert worker.alive
+    finally:
+        worker.stop()
+    assert {name: end.reason for name, end in ends.items()} == dict.fromkeys(bad, "error")
+    assert "Overflow" in ends["seed"].error
+    assert "nan" in ends["temperature"].error
+    assert ends["state"].error.startswith("RuntimeError")
+    assert victim_end.reason == "error"
+    assert [victim_first, *victim_tokens] == expected[: 1 + len(victim_tokens)]
+    assert ([first, *running_tokens], running_end.reason) == (expected, "length")
+    assert (neighbour_tokens, neighbour_end.reason) == (expected[:8], "length")
+    assert worker.pending == 0
+
+
+def test_logit_bias_and_penalties_are_applied(server, random_model):
+    token = random_model.tokenizer.encode(" bee", add_special_tokens=False)[0]
+    body = {"messages": ask("Say something."), "max_tokens": 4, "temperature": 0}
+    r = server.http.post(CHAT, json={**body, "logit_bias": {str(token): 100}})
+    assert r.json()["choices"][0]["message"]["content"] == random_model.tokenizer.decode(
+        [token] * 4
+    )
+
+    # OpenAI's formula, decoded here token by token without a KV cache.
+    messages = ask("Write a long story.")
+    presence, frequency, steps = 0.5, 1.5, 10
+    ids = prompt_ids(random_model, messages)
+    answer, counts = [], None
+    for _ in range(steps):
+        logits = random_model.logits(torch.tensor([ids + answer]))[0, -1]
+        counts = torch.zeros_like(logits) if counts is None else counts
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+        answer.append(int(logits.argmax()))
+        counts[answer[-1]] += 1
+    expected = random_model.tokenizer.decode(answer)
+    assert expected != reference_answer(random_model, None, messages, steps)  # they mattered
+    penalties = {"presence_penalty": presence, "frequency_penalty": frequency}
+    r = server.http.post(
+        CHAT, json={**body, "messages": messages, "max_tokens": steps, **penalties}
+    )
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+# -- every failure in the error shape; the window; clients that leave ----------------------------
+
+LIGHTHOUSE = "lighthouse " * 9000  # 9,032 prompt tokens; the window is 8,192
+
+
+@pytest.fixture
+def roomy(random_model, tmp_path):
+    """The model served with the default limits (bodies up to 4 MiB), for prompts too long for
+    the window: they are refused before the model runs, so this worker never competes with the
+    module's server for the model."""
+    with running(create_app(random_model, tmp_path)) as url:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+            yield http
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_window_without_max_tokens_is_a_400(roomy, stream):
+    for extra in ({}, {"max_tokens": 16}):
+        body = {"messages": ask(LIGHTHOUSE), "stream": stream, **extra}
+        r = roomy.post(CHAT, json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert "9032" in r.json()["error"]["message"]
+
+
+def test_a_prompt_that_fills_the_window_leaves_no_room_and_is_a_400(roomy, random_model):
+    window = random_model.max_positions
+    overhead = len(prompt_ids(random_model, ask("lighthouse " * 100))) - 100
+    messages = ask("lighthouse " * (window - overhead))
+    assert len(prompt_ids(random_model, messages)) == window
+    for stream in (False, True):
+        r = roomy.post(CHAT, json={"messages": messages, "stream": stream})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(random_model, tmp_path_factory):
+    """A one-layer random model with a 2,048-token window: fast enough to fill it on a CPU."""
+    folder = make_tiny_base(
+        tmp_path_factory.mktemp("tiny") / "base", random_model.tokenizer, layers=1, hidden=16
+    )
+    base = load_base(folder, device="cpu", dtype=torch.float32)
+    return AdaptedModel(base, Generator.for_base(base.model), chunk_tokens=TEST_CHUNK)
+
+
+def test_without_max_tokens_the_answer_may_fill_the_window(tiny_model, tmp_path):
+    room = 520  # more than the 512 tokens the server used to stop at
+    overhead = len(prompt_ids(tiny_model, ask("lighthouse " * 100))) - 100
+    words = tiny_model.max_positions - overhead - room
+    messages = ask("lighthouse " * words)
+    assert len(prompt_ids(tiny_model, messages)) == tiny_model.max_positions - room
+    with running(create_app(tiny_model, tmp_path)) as url:
+        r = httpx.post(f"{url}{CHAT}", json={"messages": messages, "temperature": 0}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == room
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_library_exceptions_reach_clients_in_the_error_shape(random_model, tiny_model, tmp_path):
+    # A session whose saved state belongs to another model, served by this one: a 409.
+    store = SessionStore(tmp_path, random_model)
+    sid = store.create()
+    store.close()
+    app = create_app(tiny_model, tmp_path)
+
+    async def fail():  # what a library bug looks like from the app
+        raise ValueError("max_new_tokens must be a non-negative int, got -840")
+
+    app.add_api_route("/v1/fail", fail)
+    with running(app) as url:
+        info = httpx.get(f"{url}/v1/sessions/{sid}")
+        chat = httpx.post(f"{url}{CHAT}", json={"messages": ask("hi"), "session_id": sid})
+        bug = httpx.get(f"{url}/v1/fail")
+        nowhere = httpx.get(f"{url}/v1/nowhere")
+    for r, status, code in (
+        (info, 409, "incompatible_session"),
+        (chat, 409, "incompatible_session"),
+        (bug, 500, "internal_error"),
+        (nowhere, 404, "not_found"),
+    ):
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == code
+    assert "ValueError: max_new_tokens" in bug.json()["error"]["message"]
+    assert bug.json()["error"]["type"] == "server_error"
+
+
+def test_a_non_streamed_chat_stops_when_its_client_is_gone(server):
+    worker = server.app.state.worker
+    steps = worker.steps
+    body = {"messages": ask("Write a long story."), "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # like `curl -m 2`: the client gives up
+        httpx.post(server.url + CHAT, json=body, headers=AUTH, timeout=3)
+    deadline = time.monotonic() + 20
+    while worker.pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker.pending == 0, "a non-streamed chat kept generating after its client left"
+    assert worker.steps > steps  # it had been generating
+    steps = worker.steps
+    time.sleep(0.5)
+    assert worker.steps == steps
+
+
+# -- sessions as models (vLLM's convention), for clients that send no extra fields ---------------
+
+
+def test_a_session_is_a_model(server, random_model):
+    sid = new_session(server)
+    r = server.http.post("/v1/sessions", json={"name": "quill-bees"})
+    assert r.status_code == 201 and r.json()["name"] == "quill-bees", r.text
+    named = r.json()["id"]
+    r = server.http.post("/v1/sessions/quill-bees/documents", json={"text": DOCS[0]})
+    assert r.status_code == 201 and r.json()["session_id"] == named
+    assert server.http.get("/v1/sessions/quill-bees").json()["id"] == named
+
+    cards = server.openai.models.list().data
+    assert cards[0].id == MODEL
+    by_id = {c.id: c for c in cards}
+    assert by_id["quill-bees"].session_id == named and by_id[sid].session_id == sid
+    assert by_id["quill-bees"].parent == MODEL
+    assert server.openai.models.retrieve("quill-bees").session_id == named
+
+    messages = ask("Who keeps bees?")
+    expected = reference_answer(random_model, saved_state(random_model, server, named), messages, 6)
+    for model in ("quill-bees", named):
+        r = server.openai.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0
+        )
+        assert (r.choices[0].message.content, r.model) == (expected, model)
+    stream = server.openai.chat.completions.create(
+        model="quill-bees", messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    # session_id still works, beside the base model's name and its aliases.
+    base = reference_answer(random_model, None, messages, 6)
+    for model, extra, answer in (
+        (MODEL, {"session_id": named}, expected),
+        (MODEL.lower(), {}, base),
+        (f"HuggingFaceTB/{MODEL}", {}, base),
+    ):
+        r = server.openai.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, extra_body=extra
+        )
+        assert r.choices[0].message.content == answer
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"model": "gpt-4o"}, 404, "model_not_found"),
+        ({"model": "B" * 32}, 404, "model_not_found"),
+        ({"model": "gpt-4o", "stream": True}, 404, "model_not_found"),
+        ({"model": "taken-name", "session_id": "other"}, 400, "session_mismatch"),
+        ({"session_id": "no-such-name"}, 404, "session_not_found"),
+    ],
+)
+def test_unknown_models_are_404s(server, body, status, code):
+    for name in ("taken-name", "other"):
+        server.http.post("/v1/sessions", json={"name": name})  # a 409 after the first time
+    r = server.http.post(CHAT, json={"messages": ask("hi"), "max_tokens": 2, **body})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    r = server.http.get("/v1/models/gpt-4o")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"name": "dup-name"}, 409, "session_name_taken"),  # made once below, then again
+        ({"name": MODEL}, 409, "session_name_taken"),
+        ({"name": MODEL.upper()}, 409, "session_name_taken"),
+        ({"name": "has space"}, 422, "invalid_body"),
+        ({"name": "x" * 65}, 422, "invalid_body"),
+        ({"name": "A" * 32}, 422, "invalid_body"),  # could be read as a session id
+        ({"name": 5}, 422, "invalid_body"),
+        ({"nmae": "typo"}, 422, "invalid_body"),
+    ],
+)
+def test_session_names_are_unique_and_cannot_be_a_model_or_an_id(server, body, status, code):
+    server.http.post("/v1/sessions", json={"name": "dup-name"})
+    before = len(server.http.get("/v1/sessions").json()["data"])
+    r = server.http.post("/v1/sessions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert len(server.http.get("/v1/sessions").json()["data"]) == before
+
+
+def test_a_store_made_before_session_names_opens_and_names_sessions(random_model, tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "sessions.db")
+    old.executescript(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL);"
+    )
+    old.close()
+    store = SessionStore(tmp_path, random_model)
+    sid = store.create("later")
+    assert store.find("later") == sid and store.info(sid)["name"] == "later"
+    store.close()
 
 
 # -- persistence ---------------------------------------------------------------------------------

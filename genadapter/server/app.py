@@ -1,38 +1,35 @@
 """HTTP API: sessions that absorb documents, and OpenAI-compatible chat completions bound to them.
 
-Handlers never run the model: they validate, tokenize, and hand work to the ModelWorker. Reading a
-chat's tokens, detokenizing and writing to the client happen per request, so a slow client holds
-up nobody else."""
+Handlers never run the model: they validate (validation.py), tokenize, and hand work to the
+ModelWorker (worker.py); chat.py turns a job's tokens into the client's answer and errors.py
+gives every failure OpenAI's error shape. A session is addressed by its id or its name, in paths
+and as a chat request's `model` (vLLM's convention for adapters) or `session_id`."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import queue
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
-from ..generation import SamplingParams, stream_text
 from ..model import AdaptedModel
-from ..state import CorruptStateError
-from ..text import DocumentError, chunked, token_stream
-from .store import DocumentInfo, SessionStore, UnknownSession
-from .worker import ChatJob, Finished, ModelWorker
+from ..text import chunked, token_stream
+from .chat import Completion, GenerationFailed, stream_events, whole_text
+from .errors import ApiError, LimitBody, install_error_handlers
+from .store import DocumentInfo, SessionNameTaken, SessionStore, UnknownSession
+from .validation import ChatRequest, DocumentBody, SessionBody
+from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -46,149 +43,17 @@ class ServerConfig:
     max_document_tokens: int = 1 << 20
     max_batch: int = 32  # chats decoded together in one forward
     max_pending: int = 256  # chats and documents queued or running; beyond that, 503
-    default_max_tokens: int = 512
+    # Without max_tokens a chat may fill the window; a number caps that default.
+    default_max_tokens: int | None = None
     encode_chunks_per_turn: int = 1  # document chunks encoded between two decode steps
 
 
-# -- errors: OpenAI's shape, {"error": {"message", "type", "param", "code"}} -------------------
-
-
-def error_response(status: int, message: str, code: str | None = None, param=None, headers=None):
-    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    if status == 401:
-        kind = "authentication_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class ApiError(HTTPException):
-    def __init__(self, status: int, message: str, code: str | None = None, param=None):
-        super().__init__(status, message)
-        self.code, self.param = code, param
-
-
-class BodyTooLarge(ApiError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than {limit} bytes", "body_too_large")
-
-
-class LimitBody:
-    """ASGI middleware: refuse request bodies over `limit` bytes, announced or streamed."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = error_response(413, str(BodyTooLarge(self.limit).detail), "body_too_large")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-# -- request bodies ------------------------------------------------------------------------------
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # other OpenAI fields are accepted and unused
-
-    messages: list[Message] = Field(min_length=1)
-    model: str | None = None
-    session_id: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return stops
-
-
-class DocumentBody(BaseModel):
-    text: str
-    name: str | None = Field(None, max_length=256)
-
-
-# -- chat completion plumbing ---------------------------------------------------------------------
-
-
-class GenerationFailed(RuntimeError):
-    pass
-
-
-class Completion:
-    """Text pieces of one chat job, read from its token queue (in a request thread)."""
-
-    def __init__(self, job: ChatJob, worker: ModelWorker, tokenizer, stop: list[str]):
-        self.job, self.worker, self.tokenizer, self.stop = job, worker, tokenizer, stop
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
-
-    def _tokens(self) -> Iterator[int]:
-        while True:
-            try:
-                item = self.job.tokens.get(timeout=5)
-            except queue.Empty:
-                if not self.worker.alive:
-                    raise GenerationFailed("the model worker stopped") from None
-                continue
-            if isinstance(item, Finished):
-                if item.reason == "error":
-                    raise GenerationFailed(item.error)
-                if item.reason == "cancelled" and not self.job.cancelled:
-                    raise GenerationFailed("the server is shutting down")
-                self.finish_reason = "length" if item.reason == "length" else "stop"
-                return
-            self.completion_tokens += 1
-            yield item
-
-    def pieces(self) -> Iterator[str]:
-        yield from stream_text(self.tokenizer, self._tokens(), self.stop)
-        if self.finish_reason is None:  # a stop string ended the text; the model may run on
-            self.finish_reason = "stop"
-            self.job.cancel()
+def base_model_ids(name: str) -> set[str]:
+    """Lower-cased names that mean the base model: its name and, for a .gguf file, its stem."""
+    ids = {name.lower()}
+    if name.lower().endswith(".gguf"):
+        ids.add(name[: -len(".gguf")].lower())
+    return ids
 
 
 def create_app(
@@ -200,6 +65,7 @@ def create_app(
     worker = ModelWorker(model, config.max_batch, config.encode_chunks_per_turn)
     tokenizer = model.tokenizer
     model_name = model.base_name
+    base_ids = base_model_ids(model_name)
     threads: dict[str, anyio.CapacityLimiter] = {}
 
     @asynccontextmanager
@@ -230,32 +96,44 @@ def create_app(
         if worker.pending >= config.max_pending:
             raise ApiError(503, "the server is busy; try again shortly", "overloaded")
 
+    def is_base(name: str | None) -> bool:
+        """Whether a request's `model` means the base model: none given, its name in any case,
+        or that name after an organisation ("HuggingFaceTB/SmolLM2-135M-Instruct")."""
+        return not name or name.lower() in base_ids or name.lower().rsplit("/", 1)[-1] in base_ids
+
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     # -- sessions --
 
     @api.post("/sessions", status_code=201)
-    async def create_session() -> dict:
-        session_id = await in_thread(store.create)
+    async def create_session(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = SessionBody.model_validate_json(raw) if raw.strip() else SessionBody()
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from e
+        if body.name is not None and is_base(body.name):
+            raise SessionNameTaken(f"{body.name!r} names the served model")
+        session_id = await in_thread(store.create, body.name)
         return await in_thread(store.info, session_id)
 
     @api.get("/sessions")
     async def list_sessions() -> dict:
         return {"object": "list", "data": await in_thread(store.ids)}
 
-    @api.get("/sessions/{session_id}")
-    async def get_session(session_id: str) -> dict:
-        return await in_thread(store.info, session_id)
+    @api.get("/sessions/{key}")
+    async def get_session(key: str) -> dict:
+        return await in_thread(store.info, await in_thread(store.find, key))
 
-    @api.delete("/sessions/{session_id}")
-    async def delete_session(session_id: str) -> dict:
+    @api.delete("/sessions/{key}")
+    async def delete_session(key: str) -> dict:
+        session_id = await in_thread(store.find, key)
         await in_thread(store.delete, session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
-    @api.post("/sessions/{session_id}/documents", status_code=201)
-    async def add_document(session_id: str, request: Request) -> dict:
-        if not await in_thread(store.exists, session_id):
-            raise UnknownSession(session_id)
+    @api.post("/sessions/{key}/documents", status_code=201)
+    async def add_document(key: str, request: Request) -> dict:
+        session_id = await in_thread(store.find, key)
         data, name = await read_document(request)
         if len(data) > config.max_document_bytes:
             raise ApiError(
@@ -317,39 +195,60 @@ def create_app(
 
     # -- chat --
 
-    @api.post("/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        state = None
+    async def chat_session(body: ChatRequest) -> tuple[str | None, str]:
+        """The session a chat runs under (None: the base model), and the model name to echo."""
+        session_id = None
         if body.session_id is not None:
-            state = await in_thread(store.state, body.session_id)
-        messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
-        prompt = await in_thread(template, messages)
+            session_id = await in_thread(store.find, body.session_id)
+        if is_base(body.model):
+            return session_id, model_name
+        try:
+            named = await in_thread(store.find, body.model)
+        except UnknownSession:
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist: GET /v1/models lists the base model "
+                "and the sessions",
+                "model_not_found",
+                "model",
+            ) from None
+        if session_id is not None and session_id != named:
+            raise ApiError(
+                400, "model and session_id name different sessions", "session_mismatch", "model"
+            )
+        return named, body.model
+
+    def answer_length(body: ChatRequest, prompt: list[int]) -> int:
+        """max_tokens if the window has room for it; without it, the room the window leaves."""
         room = model.max_positions - len(prompt)
-        wanted = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        if wanted is None:
-            wanted = min(config.default_max_tokens, room)
-        if wanted > room:
+        wanted = body.wanted_tokens()
+        if room < 1 or (wanted is not None and wanted > room):
+            asked = "" if wanted is None else f" and max_tokens {wanted}"
             raise ApiError(
                 400,
-                f"the prompt is {len(prompt)} tokens and max_tokens {wanted}; the model's window "
-                f"is {model.max_positions} tokens",
+                f"the prompt is {len(prompt)} tokens{asked}; the model's window is "
+                f"{model.max_positions} tokens, with room for at least one answer token",
                 "context_length_exceeded",
                 "messages",
             )
-        params = SamplingParams(
-            max_new_tokens=wanted,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            stop=body.stop or [],
-            seed=body.seed,
-        )
+        if wanted is None:
+            return min(room, config.default_max_tokens or room)
+        return wanted
+
+    @api.post("/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        session_id, echoed = await chat_session(body)
+        state = None if session_id is None else await in_thread(store.state, session_id)
+        messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
+        prompt = await in_thread(template, messages)
+        params, adjust = body.sampling(answer_length(body, prompt), worker.vocab_size)
         check_capacity()
-        job = worker.chat(prompt, state, params)
+        job = worker.chat(prompt, state, params, adjust)
         completion = Completion(job, worker, tokenizer, params.stop)
         meta = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
             "created": int(time.time()),
-            "model": model_name,
+            "model": echoed,
         }
         usage = lambda: {  # noqa: E731
             "prompt_tokens": len(prompt),
@@ -358,20 +257,18 @@ def create_app(
         }
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream_events(completion, meta, usage if include_usage else None)
+            events = stream_events(completion, meta, usage if include_usage else None, in_thread)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         try:
-            text = await in_thread(lambda: "".join(completion.pieces()))
+            text = await whole_text(completion, request, in_thread)
         except GenerationFailed as e:
             raise ApiError(500, f"generation failed: {e}", "generation_failed") from e
-        finally:
-            job.cancel()
         return {
             **meta,
             "object": "chat.completion",
-            "session_id": body.session_id,
+            "session_id": session_id,
             "choices": [
                 {
                     "index": 0,
@@ -382,28 +279,6 @@ def create_app(
             "usage": usage(),
         }
 
-    async def stream_events(completion: Completion, meta: dict, usage) -> AsyncIterator[str]:
-        def event(delta: dict, finish: str | None = None, **extra) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            chunk = {**meta, "object": "chat.completion.chunk", "choices": [choice], **extra}
-            return f"data: {json.dumps(chunk)}\n\n"
-
-        pieces = completion.pieces()
-        try:
-            yield event({"role": "assistant", "content": ""})
-            while (piece := await in_thread(next, pieces, None)) is not None:
-                yield event({"content": piece})
-            yield event({}, completion.finish_reason)
-            if usage is not None:
-                chunk = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except GenerationFailed as e:
-            error = {"message": f"generation failed: {e}", "type": "server_error"}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-        finally:
-            completion.job.cancel()  # client gone or done: free the batch row
-        yield "data: [DONE]\n\n"
-
     def template(messages: list[dict]) -> list[int]:
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -413,12 +288,29 @@ def create_app(
             ) from e
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    # -- the rest --
+    # -- models: the base model, then every session (by name when it has one) --
+
+    def model_cards() -> list[dict]:
+        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "genadapter"}
+        cards = [{**base, "root": model_name, "parent": None}]
+        for session_id, name, created in store.listing():
+            card = {**base, "id": name or session_id, "created": int(created)}
+            cards.append({**card, "root": model_name, "parent": model_name})
+            cards[-1]["session_id"] = session_id
+        return cards
 
     @api.get("/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "genadapter"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": await in_thread(model_cards)}
+
+    @api.get("/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        for card in await in_thread(model_cards):
+            if name in (card["id"], card.get("session_id")) or (
+                card["parent"] is None and is_base(name)
+            ):
+                return card
+        raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
 
     app = FastAPI(title="genadapter", lifespan=lifespan)
     app.include_router(api)
@@ -435,41 +327,7 @@ def create_app(
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        code = getattr(e, "code", None)
-        headers = {"WWW-Authenticate": "Bearer"} if e.status_code == 401 else None
-        return error_response(
-            e.status_code, str(e.detail), code, getattr(e, "param", None), headers
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            detail = first.get("ctx", {}).get("error", "")
-            return error_response(422, f"malformed JSON body: {detail}", "invalid_json")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid"))
-        return error_response(422, message, "invalid_body", where or None)
-
-    @app.exception_handler(UnknownSession)
-    async def unknown_session(request: Request, e: UnknownSession):
-        return error_response(404, "no such session", "session_not_found", "session_id")
-
-    @app.exception_handler(DocumentError)
-    async def bad_document(request: Request, e: DocumentError):
-        return error_response(422, str(e), "invalid_document")
-
-    @app.exception_handler(CorruptStateError)
-    async def corrupt_state(request: Request, e: CorruptStateError):
-        log.error("%s", e)
-        return error_response(500, str(e), "corrupt_state")
-
+    install_error_handlers(app)
     # Room for a document plus its JSON or multipart framing.
     app.add_middleware(LimitBody, limit=config.max_document_bytes + (64 << 10))
     return app
-
-
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role

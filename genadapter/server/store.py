@@ -3,7 +3,8 @@
 A state file is replaced atomically (write a temp file, fsync, rename), so a crash mid-write
 leaves the previous state. The state file is the truth for the sums and their counters; the
 database lists sessions and their documents. Absorbing adds under the session's lock, so two
-documents absorbed at once both count: the state is a sum."""
+documents absorbed at once both count: the state is a sum. A session may have a unique name, so
+clients can address it as a `model` (vLLM's convention for adapters)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ log = logging.getLogger(__name__)
 # secrets.token_urlsafe(24) gives 32 characters of this alphabet; nothing else is a session id,
 # and nothing else is ever joined to a path.
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+# A session's optional name: what OpenAI clients send as `model`. It cannot look like an id.
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    name TEXT
 );
 CREATE TABLE IF NOT EXISTS documents (
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -43,6 +47,8 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 CREATE INDEX IF NOT EXISTS documents_by_session ON documents(session_id);
 """
+# After the migration that gives stores made before names their `name` column.
+NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS sessions_by_name ON sessions(name)"
 
 
 class UnknownSession(KeyError):
@@ -50,6 +56,21 @@ class UnknownSession(KeyError):
 
     def __str__(self) -> str:
         return "no such session"
+
+
+class SessionNameTaken(ValueError):
+    """Another session, or the served model, already has this name."""
+
+
+def check_session_name(name: str) -> str:
+    """`name` if it can name a session: 1-64 of A-Z a-z 0-9 . _ : - (first a letter or digit),
+    and not something that could be a session id."""
+    if not SESSION_NAME.fullmatch(name) or SESSION_ID.fullmatch(name):
+        raise ValueError(
+            "a session name is 1-64 letters, digits, '.', '_', ':' or '-', starts with a letter or "
+            "digit, and is not 32 characters of a session id's alphabet"
+        )
+    return name
 
 
 @dataclass
@@ -83,6 +104,11 @@ class SessionStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(sessions)")]
+        if "name" not in columns:  # a store made before sessions had names
+            self._db.execute("ALTER TABLE sessions ADD COLUMN name TEXT")
+        self._db.execute(NAME_INDEX)
+        self._db.commit()
         self._db_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -121,9 +147,10 @@ class SessionStore:
         with self._db_lock:
             return self._db.execute(sql, args).fetchall()
 
-    def _row(self, session_id: str) -> tuple[float, float]:
+    def _row(self, session_id: str) -> tuple[float, float, str | None]:
         rows = self._query(
-            "SELECT created, updated FROM sessions WHERE id = ?", (check_session_id(session_id),)
+            "SELECT created, updated, name FROM sessions WHERE id = ?",
+            (check_session_id(session_id),),
         )
         if not rows:
             raise UnknownSession(session_id)
@@ -147,14 +174,38 @@ class SessionStore:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def create(self) -> str:
+    def create(self, name: str | None = None) -> str:
+        """A new empty session, named `name` if given; returns its id. Raises SessionNameTaken
+        when another session has the name."""
+        if name is not None:
+            check_session_name(name)
         session_id = new_session_id()
         now = time.time()
         # The empty state is written first, so every listed session has a state file.
         self._write(session_id, self.model.new_state(), now)
-        with self._db_lock, self._db:
-            self._db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (session_id, now, now))
+        try:
+            with self._db_lock, self._db:
+                self._db.execute(
+                    "INSERT INTO sessions (id, created, updated, name) VALUES (?, ?, ?, ?)",
+                    (session_id, now, now, name),
+                )
+        except sqlite3.IntegrityError:
+            self._path(session_id).unlink(missing_ok=True)
+            raise SessionNameTaken(f"a session named {name!r} exists already") from None
         return session_id
+
+    def find(self, key: str) -> str:
+        """The id of the session whose id or name is `key`; UnknownSession if there is none."""
+        if SESSION_ID.fullmatch(key) and self.exists(key):
+            return key
+        rows = self._query("SELECT id FROM sessions WHERE name = ?", (key,))
+        if not rows:
+            raise UnknownSession(key)
+        return rows[0][0]
+
+    def listing(self) -> list[tuple[str, str | None, float]]:
+        """(id, name, created) of every session, oldest first."""
+        return self._query("SELECT id, name, created FROM sessions ORDER BY created")
 
     def exists(self, session_id: str) -> bool:
         try:
@@ -191,11 +242,12 @@ class SessionStore:
         return [DocumentInfo(*r) for r in rows]
 
     def info(self, session_id: str) -> dict:
-        created, updated = self._row(session_id)
+        created, updated, name = self._row(session_id)
         state = self.state(session_id)
         return {
             "id": session_id,
             "object": "session",
+            "name": name,
             "created": created,
             "updated": updated,
             "tokens": state.tokens,
@@ -212,7 +264,7 @@ class SessionStore:
         The sum is taken under the session's lock on a copy, written atomically, and only then
         made current, so readers see the old state or the new one."""
         with self._lock(session_id):
-            created, _ = self._row(session_id)
+            created, _, _ = self._row(session_id)
             current = self._cached(session_id)
             if current is None:
                 current = self.model.load_session(self._path(session_id)).state

@@ -5,7 +5,11 @@ Every forward of the server happens here, because the adapted layers share one b
 of the batch being run). Each turn of the loop admits waiting chats (one batched prefill, merged
 into the running batch), runs one decode step for every running chat, each row under its own
 session's state, and encodes a few chunks of a waiting document. Tokens go to per-chat queues
-that never block, so a slow reader holds up nobody."""
+that never block, so a slow reader holds up nobody.
+
+A failure ends only the chat whose computation failed: a row's seed, logit adjustments and
+sampling are computed row by row (sampling.py); a failed batched forward is retried (prefill) or
+probed (decode) one row at a time, so one bad request never ends another user's answer."""
 
 from __future__ import annotations
 
@@ -14,49 +18,25 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from ..generation import SamplingParams, sample
+from ..generation import SamplingParams
 from ..generation import _eos_ids as end_of_sequence_ids
 from ..model import AdaptedModel
 from ..state import AdapterState
+from . import kvcache
+from .sampling import ChatJob, Finished, LogitAdjust, Row
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Finished:
-    """The last item of a chat's token queue: "stop" (end of sequence), "length" (max tokens),
-    "cancelled", or "error" with a message."""
-
-    reason: str
-    error: str | None = None
+__all__ = ["ChatJob", "Finished", "LogitAdjust", "ModelWorker", "ServerShuttingDown"]
 
 
-@dataclass
-class ChatJob:
-    prompt: list[int]
-    state: AdapterState | None
-    params: SamplingParams
-    tokens: queue.Queue = field(default_factory=queue.Queue)  # ints, then one Finished
-    cancelled: bool = False  # set by the reader (client gone, stop string seen)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class _Row:
-    """A running chat: one row of the batch."""
-
-    job: ChatJob
-    rng: torch.Generator | None
-    length: int  # real tokens in the KV cache
-    produced: int = 0
-    next_token: int = 0
+class ServerShuttingDown(RuntimeError):
+    """Work that was still queued or running when the worker stopped."""
 
 
 @dataclass
@@ -67,6 +47,8 @@ class _EncodeJob:
 
 
 class ModelWorker:
+    """The model thread: chats batched step by step, documents encoded between the steps."""
+
     def __init__(self, model: AdaptedModel, max_batch: int = 32, encode_chunks_per_turn: int = 1):
         self.model = model
         self.max_batch = max_batch
@@ -74,11 +56,13 @@ class ModelWorker:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[ChatJob] = deque()
         self._encodes: deque[_EncodeJob] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._admitting = 0  # chats in their prefill, between the waiting queue and the batch
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cache length): 1 = real token
         self._eos = end_of_sequence_ids(model)
+        head = model.base.get_output_embeddings()
+        self.vocab_size: int = getattr(head, "out_features", None) or model.base.config.vocab_size
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="genadapter-model", daemon=True)
         # Decode steps run, rows in them, and the largest batch: how much batching happened.
@@ -87,10 +71,12 @@ class ModelWorker:
         self.max_rows = 0
 
     def start(self) -> ModelWorker:
+        """Start the model thread."""
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the model thread; queued and running chats end as cancelled."""
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout)
@@ -108,11 +94,16 @@ class ModelWorker:
     # -- requests (any thread) ----------------------------------------------------------------
 
     def chat(
-        self, prompt: list[int], state: AdapterState | None, params: SamplingParams
+        self,
+        prompt: list[int],
+        state: AdapterState | None,
+        params: SamplingParams,
+        adjust: LogitAdjust | None = None,
     ) -> ChatJob:
+        """Queue a chat; its tokens, then one Finished, arrive on the job's queue."""
         if not prompt:
             raise ValueError("empty prompt")
-        job = ChatJob(list(prompt), state, params)
+        job = ChatJob(list(prompt), state, params, adjust)
         self._inbox.put(job)
         return job
 
@@ -130,9 +121,8 @@ class ModelWorker:
             self._take_inbox(block=idle)
             if self._stopping:
                 break
-            running = [r.job for r in self._rows]
-            self._guarded(self._admit, running + list(self._waiting)[: self._free_rows()])
-            self._guarded(self._decode_step, [r.job for r in self._rows])
+            self._guarded(self._admit, list(self._waiting)[: self._free_rows()])
+            self._guarded(self._decode_step, [])
             self._encode_turn()
         for row in self._rows:
             row.job.tokens.put(Finished("cancelled"))
@@ -140,7 +130,7 @@ class ModelWorker:
             if isinstance(job, ChatJob):
                 job.tokens.put(Finished("cancelled"))
         for enc in self._encodes:
-            enc.future.set_exception(RuntimeError("the server is shutting down"))
+            enc.future.set_exception(ServerShuttingDown("the server is shutting down"))
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -165,52 +155,104 @@ class ModelWorker:
     def _free_rows(self) -> int:
         return max(0, self.max_batch - len(self._rows))
 
-    def _guarded(self, step, jobs: list[ChatJob]) -> None:
-        """Run one part of a turn; if it fails, fail the chats it touched, including every running
-        one (the batch's KV cache is no longer trustworthy), and keep serving."""
+    def _guarded(self, step, waiting: list[ChatJob]) -> None:
+        """Last resort: failures of single rows are handled where they happen; if a part of the
+        turn still fails (a bug), fail the waiting chats it touched and every running one (the
+        batch's KV cache is no longer trustworthy), and keep serving."""
         try:
             step()
         except Exception as e:  # one bad request must not take the server down
             log.exception("model worker step failed")
-            failed = set(map(id, jobs))
-            for job in jobs:
-                job.tokens.put(Finished("error", f"{type(e).__name__}: {e}"))
-            self._waiting = deque(j for j in self._waiting if id(j) not in failed)
+            touched = {id(j): j for j in [*waiting, *(r.job for r in self._rows)]}
+            for job in touched.values():
+                job.fail(e)
+            self._waiting = deque(j for j in self._waiting if id(j) not in touched)
             self._rows, self._cache, self._mask = [], None, None
 
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.job.tokens.put(Finished(reason))
-
-    def _sample(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick the row's next token and send it; False when the row is done."""
-        params = row.job.params
-        token = sample(logits, params, row.rng)
+    def _sample(self, row: Row, logits: torch.Tensor) -> bool:
+        """Pick the row's next token and send it; False when the row is done. A failure here
+        (a seed or temperature no validation caught, say) ends this row only."""
+        try:
+            token = row.pick(logits)
+        except Exception as e:
+            log.exception("sampling a chat's next token failed")
+            row.job.fail(e)
+            return False
         if token in self._eos:
-            self._finish(row, "stop")
+            row.job.tokens.put(Finished("stop"))
             return False
         row.job.tokens.put(token)
         row.produced += 1
         row.next_token = token
-        if row.produced >= params.max_new_tokens:
-            self._finish(row, "length")
+        if row.produced >= row.job.params.max_new_tokens:
+            row.job.tokens.put(Finished("length"))
             return False
         return True
 
     def _admit(self) -> None:
         """Prefill waiting chats in one left-padded forward and merge them into the batch."""
         take = min(self._free_rows(), len(self._waiting))
-        jobs = [j for j in list(self._waiting)[:take] if not self._drop_early(j)]
-        self._admitting = len(jobs)
-        for _ in range(take):
-            self._waiting.popleft()
+        jobs = [self._waiting.popleft() for _ in range(take)]
+        rows = [row for job in jobs if not self._drop_early(job) and (row := self._start(job))]
+        self._admitting = len(rows)
         try:
-            self._prefill(jobs)
+            self._prefill(rows)
         finally:
             self._admitting = 0
 
-    def _prefill(self, jobs: list[ChatJob]) -> None:
-        if not jobs:
+    def _start(self, job: ChatJob) -> Row | None:
+        try:
+            return Row.start(job, self.vocab_size, self.model.device)
+        except Exception as e:  # the seed, say: this chat fails, the others are admitted
+            log.exception("a chat's sampling settings failed")
+            job.fail(e)
+            return None
+
+    def _drop_early(self, job: ChatJob) -> bool:
+        if job.cancelled:
+            job.tokens.put(Finished("cancelled"))
+            return True
+        if job.params.max_new_tokens == 0:
+            job.tokens.put(Finished("length"))
+            return True
+        return False
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """One forward over the rows' prompts; if it fails, each row is retried alone, so only
+        the rows that fail alone fail. The running batch is not touched until the merge."""
+        if not rows:
             return
+        try:
+            cache, mask, logits = self._prefill_forward([r.job for r in rows])
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("prefilling a chat failed")
+                rows[0].job.fail(e)
+                return
+            log.warning("a batched prefill failed (%s); retrying its chats one by one", e)
+            for row in rows:
+                self._prefill([row])
+            return
+        keep = [i for i, r in enumerate(rows) if self._sample(r, logits[i])]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            cache.batch_select_indices(torch.tensor(keep, device=mask.device))
+            mask = mask[keep]
+        rows = [rows[i] for i in keep]
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
+            return
+        try:
+            self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
+        except Exception as e:  # merge changes nothing when it fails
+            log.exception("adding chats to the batch failed")
+            for row in rows:
+                row.job.fail(e)
+            return
+        self._rows = self._rows + rows
+
+    def _prefill_forward(self, jobs: list[ChatJob]):
         dev = self.model.device
         width = max(len(j.prompt) for j in jobs)
         ids = torch.full((len(jobs), width), self.model.tokenizer.pad_token_id, dtype=torch.long)
@@ -229,56 +271,17 @@ class ModelWorker:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        rows = [_Row(j, _rng(j.params, dev), len(j.prompt)) for j in jobs]
-        keep = [i for i, r in enumerate(rows) if self._sample(r, out.logits[i, -1])]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            cache.batch_select_indices(torch.tensor(keep, device=dev))
-            mask = mask[keep]
-        self._merge([rows[i] for i in keep], cache, mask)
-
-    def _drop_early(self, job: ChatJob) -> bool:
-        if job.cancelled:
-            job.tokens.put(Finished("cancelled"))
-            return True
-        if job.params.max_new_tokens == 0:
-            job.tokens.put(Finished("length"))
-            return True
-        return False
-
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append new rows (with their own cache) to the running batch, left-padding the shorter
-        of the two caches; padded positions are masked out."""
-        if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            for attr in ("keys", "values"):
-                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
-                setattr(old_layer, attr, torch.cat([_left_pad(a, width), _left_pad(b, width)]))
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
-        self._rows = self._rows + rows
+        return cache, mask, out.logits[:, -1]
 
     def _decode_step(self) -> None:
         self._drop_rows([i for i, r in enumerate(self._rows) if r.job.cancelled], "cancelled")
         if not self._rows:
             return
-        dev = self.model.device
-        ids = torch.tensor([[r.next_token] for r in self._rows], device=dev)
-        positions = torch.tensor([[r.length] for r in self._rows], device=dev)
-        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=dev)
-        mask = torch.cat([self._mask, ones], dim=1)
-        with self.model.bind_states([r.job.state for r in self._rows]):
-            out = self.model.base(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-            )
+        try:
+            mask, logits = self._decode_forward(self._rows, self._cache, self._mask)
+        except Exception as e:
+            self._after_failed_step(e)
+            return
         self._mask = mask
         self.steps += 1
         self.step_rows += len(self._rows)
@@ -286,9 +289,48 @@ class ModelWorker:
         done = []
         for i, row in enumerate(self._rows):
             row.length += 1
-            if not self._sample(row, out.logits[i, -1]):
+            if not self._sample(row, logits[i]):
                 done.append(i)
         self._drop_rows(done, None)
+
+    def _decode_forward(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor):
+        dev = self.model.device
+        ids = torch.tensor([[r.next_token] for r in rows], device=dev)
+        positions = torch.tensor([[r.length] for r in rows], device=dev)
+        ones = torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)
+        mask = torch.cat([mask, ones], dim=1)
+        with self.model.bind_states([r.job.state for r in rows]):
+            out = self.model.base(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return mask, out.logits[:, -1]
+
+    def _after_failed_step(self, error: Exception) -> None:
+        """A batched decode step failed: undo what it appended to the KV cache, then run each row
+        alone on a one-row view of the cache. Rows that fail alone fail; the others go on at the
+        next step. If every row succeeds alone, the batch as a whole failed (out of memory, say)
+        and its rows fail with the batch's error."""
+        log.warning("a batched decode step failed (%s); probing its rows one by one", error)
+        kvcache.truncate(self._cache, self._mask.shape[1])
+        culprits = []
+        for i, row in enumerate(self._rows):
+            try:
+                self._decode_forward(
+                    [row], kvcache.row_cache(self._cache, i), self._mask[i : i + 1]
+                )
+            except Exception as e:
+                log.exception("a chat's decode step failed")
+                row.job.fail(e)
+                culprits.append(i)
+        if not culprits:
+            for row in self._rows:
+                row.job.fail(error)
+            culprits = list(range(len(self._rows)))
+        self._drop_rows(culprits, None)
 
     def _drop_rows(self, indices: list[int], reason: str | None) -> None:
         """Remove finished rows from the batch; trim cache columns that only padding uses."""
@@ -296,21 +338,14 @@ class ModelWorker:
             return
         if reason is not None:
             for i in indices:
-                self._finish(self._rows[i], reason)
+                self._rows[i].job.tokens.put(Finished(reason))
         gone = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
         self._rows = [self._rows[i] for i in keep]
-        self._cache.batch_select_indices(torch.tensor(keep, device=self._mask.device))
-        self._mask = self._mask[keep]
-        first = int(self._mask.any(0).float().argmax())
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
+        self._mask = kvcache.select(self._cache, self._mask, keep)
 
     def _encode_turn(self) -> None:
         if not self._encodes:
@@ -329,22 +364,3 @@ class ModelWorker:
             return
         job.state.documents = 1
         job.future.set_result(job.state)
-
-
-def _rng(params: SamplingParams, device) -> torch.Generator | None:
-    if params.temperature == 0:
-        return None
-    rng = torch.Generator(device=device)
-    rng.manual_seed(params.seed if params.seed is not None else torch.seed())
-    return rng
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad dim 2 (KV cache: batch, heads, time, dim) or dim 1 (mask: batch, time) on the left."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,129 @@
+"""Request bodies, validated at the API boundary with OpenAI's ranges, and their translation into
+the worker's sampling settings. Nothing that passes here can fail inside the model thread as a
+bad parameter; the worker still fails such a row alone if one ever does."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..generation import SamplingParams
+from .errors import ApiError
+from .store import check_session_name
+from .worker import LogitAdjust
+
+# torch.Generator.manual_seed takes -2**63 .. 2**64 - 1; OpenAI documents an integer seed. The
+# signed 64-bit range is what most clients and servers (vLLM included) accept.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Below this a temperature is greedy decoding: dividing logits by it would overflow to inf.
+GREEDY_BELOW = 1e-5
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The message's text, its parts joined."""
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+    def template_role(self) -> str:
+        """The role for the chat template, which knows no "developer"."""
+        return "system" if self.role == "developer" else self.role
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request; other OpenAI fields are accepted and unused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = Field(None, max_length=256)
+    session_id: str | None = Field(None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    n: int | None = Field(None, ge=1, le=1)  # one choice per request
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[TokenId, Bias] | None = Field(None, max_length=1024)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    def wanted_tokens(self) -> int | None:
+        """max_tokens, or its newer name max_completion_tokens; None when neither is given."""
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+    def sampling(self, max_new_tokens: int, vocab_size: int) -> tuple[SamplingParams, LogitAdjust]:
+        """The worker's settings for this request; ApiError (400) for what this server cannot
+        do or what does not fit the model."""
+        if self.logprobs or self.top_logprobs:
+            raise ApiError(
+                400, "this server does not return logprobs", "unsupported_parameter", "logprobs"
+            )
+        bias = self.logit_bias or {}
+        if any(t >= vocab_size for t in bias):
+            raise ApiError(
+                400,
+                f"logit_bias names a token id beyond the model's vocabulary ({vocab_size})",
+                "invalid_value",
+                "logit_bias",
+            )
+        temperature = 1.0 if self.temperature is None else self.temperature
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=self.stop or [],
+            seed=self.seed,
+        )
+        adjust = LogitAdjust(self.presence_penalty or 0.0, self.frequency_penalty or 0.0, bias)
+        return params, adjust
+
+
+class DocumentBody(BaseModel):
+    text: str
+    name: str | None = Field(None, max_length=256)
+
+
+class SessionBody(BaseModel):
+    """POST /v1/sessions: an optional unique name, usable as `model` in chat requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return None if v is None else check_session_name(v)
