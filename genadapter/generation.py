@@ -3,11 +3,14 @@ with stop strings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from .text import Detokenizer
 
 
 @dataclass
@@ -33,6 +36,13 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
 
 
+def cache_kwargs(base, cache: DynamicCache) -> dict:
+    """The keyword that passes a KV cache to `base`'s forward: recent transformers call it `cache`
+    and warn (FutureWarning) when given `past_key_values`, the only name older versions know."""
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
     if params.temperature == 0:
         return int(logits.argmax())
@@ -56,11 +66,11 @@ def generate_ids(model, prompt_ids: list[int], state, params: SamplingParams) ->
         rng = torch.Generator(device=model.device)
         rng.manual_seed(params.seed if params.seed is not None else torch.seed())
     eos = _eos_ids(model)
-    cache = DynamicCache()
+    cache = cache_kwargs(model.base, DynamicCache())
     ids = torch.tensor([prompt_ids], device=model.device)
     with model.bind_states([state]):
         for _ in range(params.max_new_tokens):
-            out = model.base(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model.base(input_ids=ids, use_cache=True, **cache)
             token = sample(out.logits[0, -1], params, rng)
             if token in eos:
                 return
@@ -75,28 +85,34 @@ def _eos_ids(model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def stream_text(tokenizer, token_ids: Iterator[int], stop: list[str]) -> Iterator[str]:
-    """Turn token ids into text pieces as they arrive. Holds back an incomplete UTF-8 character
-    and any tail that could still become a stop string; stops at the first stop string."""
-    ids: list[int] = []
-    emitted = 0
+def stream_text(tokenizer, token_ids: Iterable[int], stop: list[str]) -> Iterator[str]:
+    """Turn token ids into text pieces as they arrive; stops at the first stop string.
+
+    Holds back an incomplete UTF-8 character (dropped if no later token completes it, e.g. when
+    max_new_tokens cuts inside one) and any tail that could still become a stop string, so the
+    pieces never hold a character that no token produced and, joined, are the whole answer."""
+    detok = Detokenizer(tokenizer)
+    tokens = iter(token_ids)
     text = ""
-    for token in token_ids:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+    emitted = 0
+    while True:
+        token = next(tokens, None)
+        final = token is None
+        new = detok.finish() if final else detok.add(token)
+        if not new and not final:
             continue
+        text += new
         cut = min((i for i in (text.find(s, emitted) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
             if cut > emitted:
                 yield text[emitted:cut]
             return
-        safe = len(text) - _partial_stop(text, stop)
+        safe = len(text) if final else len(text) - _partial_stop(text, stop)
         if safe > emitted:
             yield text[emitted:safe]
             emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+        if final:
+            return
 
 
 def _partial_stop(text: str, stop: list[str]) -> int:
@@ -141,15 +157,11 @@ def generate_batch(
     eos = _eos_ids(model)
     running = [p.max_new_tokens > 0 for p in params]
     produced = [0] * n
-    cache = DynamicCache()
+    cache = cache_kwargs(model.base, DynamicCache())
     with model.bind_states(states):
         while any(running):
             out = model.base(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache
             )
             step, next_ids = [], []
             for i in range(n):

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from .base import Base, load_base, pick_device
 from .generator import Generator, GeneratorConfig
 from .layers import Binding, bound, inject
 from .quantize import check_mode, quantize_base
+from .session import AbsorbStats, Session
 from .state import AdapterState
 from .text import chunked, token_stream
 
@@ -24,13 +24,6 @@ log = logging.getLogger(__name__)
 
 # The trained generator for the embedded default base, shipped inside the package.
 SHIPPED_GENERATOR = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
-
-
-@dataclass
-class AbsorbStats:
-    tokens: int
-    chunks: int
-    seconds: float
 
 
 class AdaptedModel:
@@ -71,14 +64,12 @@ class AdaptedModel:
     def new_state(self) -> AdapterState:
         return AdapterState.zeros(self.generator.state_shapes(), self.device)
 
-    def session(self):
-        from .session import Session
-
+    def session(self) -> Session:
+        """A new, empty session: it answers exactly like the base model until it absorbs text."""
         return Session(self)
 
-    def load_session(self, path: str | os.PathLike):
-        from .session import Session
-
+    def load_session(self, path: str | os.PathLike) -> Session:
+        """The session saved at `path` by Session.save (see Session.load for the errors)."""
         return Session.load(self, path)
 
     # -- context pass ---------------------------------------------------------------------------

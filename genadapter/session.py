@@ -1,15 +1,19 @@
-"""Session: one user's absorbed context (an AdapterState) and conversation."""
+"""Session: one user's absorbed context (an AdapterState) and conversation.
+
+Imports flow one way: model.py imports this module (AdaptedModel.session() and load_session()
+make sessions); this module never imports model.py and uses the model it is given through its
+public attributes, as generation.py does."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .generation import SamplingParams, generate_ids, stream_text
-from .model import AbsorbStats, AdaptedModel
-from .state import AdapterState, IncompatibleStateError
+from .state import AdapterState, CorruptStateError, IncompatibleStateError
 
 STATE_FILE = "state.safetensors"
 
@@ -20,8 +24,19 @@ def _state_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path / STATE_FILE
 
 
+@dataclass
+class AbsorbStats:
+    """What one absorb call read: tokens, chunks, and the wall time it took."""
+
+    tokens: int
+    chunks: int
+    seconds: float
+
+
 class Session:
-    def __init__(self, model: AdaptedModel, state: AdapterState | None = None):
+    """`model` is the AdaptedModel the session belongs to (model.session() makes one)."""
+
+    def __init__(self, model, state: AdapterState | None = None):
         self.model = model
         self.state = state if state is not None else model.new_state()
         self.messages: list[dict[str, str]] = []  # this session's chat turns
@@ -135,7 +150,11 @@ class Session:
         return target
 
     @classmethod
-    def load(cls, model: AdaptedModel, path: str | os.PathLike) -> Session:
+    def load(cls, model, path: str | os.PathLike) -> Session:
+        """The session saved at `path` (DIR or a .safetensors file), on `model`.
+
+        Raises FileNotFoundError, CorruptStateError (damaged or altered file) and
+        IncompatibleStateError (made with another base, generator or layers)."""
         state, meta = AdapterState.load(_state_path(path), device=model.device)
         for key, mine in (
             ("base_fingerprint", model.base_fingerprint),
@@ -147,9 +166,15 @@ class Session:
                     f"{path} was made with another {what} ({meta.get(key)}); "
                     f"this model's {what} is {mine}"
                 )
-        if state.sums.keys() != model.generator.state_shapes().keys():
+        shapes = {n: tuple(S.shape) for n, S in state.sums.items()}
+        if shapes != model.generator.state_shapes():
             raise IncompatibleStateError(f"{path} holds states for other layers")
+        messages = meta.get("messages", [])
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
+        ):
+            raise CorruptStateError(f"{path}: the stored conversation is malformed")
         session = cls(model, state)
-        session.messages = list(meta.get("messages", []))
+        session.messages = messages
         session.created = float(meta.get("created", time.time()))
         return session

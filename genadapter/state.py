@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -14,7 +15,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT = "genadapter-state/1"
+log = logging.getLogger(__name__)
+
+FORMAT = "genadapter-state/2"
+# Format 1 kept the checksum of the sums alone inside the metadata; it still loads.
+LEGACY_FORMAT = "genadapter-state/1"
+# Keys of the safetensors header's metadata: the JSON metadata, and the digest of the whole file.
+META_KEY = "genadapter"
+DIGEST_KEY = "genadapter_sha256"
 # Singular values below this fraction of the largest are treated as zero (float32 SVD noise).
 RANK_RTOL = 1e-5
 
@@ -137,6 +145,7 @@ class AdapterState:
         return self._normalized
 
     def checksum(self) -> str:
+        """SHA-256 of the sums alone (names and float32 values): identifies a state's content."""
         h = hashlib.sha256()
         for name in sorted(self.sums):
             h.update(name.encode())
@@ -146,40 +155,90 @@ class AdapterState:
     # -- file format: one safetensors file; metadata (JSON) in its header ------------------------
 
     def save(self, path: str | os.PathLike, meta: dict) -> None:
+        """Write the sums and `meta` (JSON-serializable) atomically to one safetensors file.
+
+        The header holds the metadata as JSON text (with format and counts added) and a SHA-256
+        over that exact text and every tensor's name, dtype, shape and bytes."""
         meta = dict(
-            meta,
-            format=FORMAT,
-            tokens=self.tokens,
-            chunks=self.chunks,
-            documents=self.documents,
-            checksum=self.checksum(),
+            meta, format=FORMAT, tokens=self.tokens, chunks=self.chunks, documents=self.documents
         )
+        meta.pop("checksum", None)
+        meta_json = json.dumps(meta)
         tensors = {n: s.detach().cpu().contiguous() for n, s in self.sums.items()}
-        atomic_write(Path(path), st_save(tensors, metadata={"genadapter": json.dumps(meta)}))
+        header = {META_KEY: meta_json, DIGEST_KEY: _file_digest(meta_json, tensors)}
+        atomic_write(Path(path), st_save(tensors, metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> tuple[AdapterState, dict]:
+        """Read a state saved by `save`; returns it (float32 sums on `device`) and its metadata.
+
+        Raises FileNotFoundError when there is no file, and CorruptStateError when anything
+        loaded (metadata or tensors) differs from what was saved, or the file is not a state."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved state at {path}")
-        data = path.read_bytes()
-        meta = _read_meta(data, path)
+        return cls.from_bytes(path.read_bytes(), device=device, source=path)
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, device=None, source: str | os.PathLike = "state"
+    ) -> tuple[AdapterState, dict]:
+        """`load` for the bytes of a saved file; `source` names it in error messages."""
+        header = _read_header(data, source)
+        meta_json = header.get(META_KEY)
+        try:
+            meta = json.loads(meta_json)
+            version = meta.get("format")
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptStateError(f"{source}: not a genadapter state file") from e
+        if version not in (FORMAT, LEGACY_FORMAT):
+            raise CorruptStateError(f"{source}: unknown format {version!r}")
         try:
             tensors = st_load(data)
         except Exception as e:  # safetensors raises its own error types
-            raise CorruptStateError(f"{path}: unreadable tensor data ({e})") from e
-        state = cls(
-            {n: t.to(device=device, dtype=torch.float32) for n, t in tensors.items()},
-            int(meta.get("tokens", 0)),
-            int(meta.get("chunks", 0)),
-            int(meta.get("documents", 0)),
-        )
-        if state.checksum() != meta.get("checksum"):
-            raise CorruptStateError(f"{path}: checksum mismatch, the file was altered or damaged")
+            raise CorruptStateError(f"{source}: unreadable tensor data ({e})") from e
+        altered = CorruptStateError(f"{source}: checksum mismatch, the file was altered or damaged")
+        if version == FORMAT and header.get(DIGEST_KEY) != _file_digest(meta_json, tensors):
+            raise altered
+        counts = [meta.get(k, 0) for k in ("tokens", "chunks", "documents")]
+        if any(type(c) is not int or c < 0 for c in counts):
+            raise CorruptStateError(f"{source}: token, chunk and document counts must be ints >= 0")
+        if any(t.dtype != torch.float32 or t.dim() != 2 for t in tensors.values()):
+            raise CorruptStateError(f"{source}: sums must be float32 matrices")
+        state = cls({n: t.to(device) for n, t in tensors.items()}, *counts)
+        if version == LEGACY_FORMAT:  # its checksum covers the sums only
+            if state.checksum() != meta.get("checksum"):
+                raise altered
+            log.warning(
+                "%s is in the older format %s, whose checksum does not cover its metadata; "
+                "save it again to protect it",
+                source,
+                LEGACY_FORMAT,
+            )
         return state, meta
 
 
-def _read_meta(data: bytes, path: Path) -> dict:
+def _file_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata text and each tensor's name, dtype, shape and bytes (sorted by
+    name), every field length-prefixed so no two different files hash alike by shifting bytes."""
+    h = hashlib.sha256()
+
+    def put(field: bytes) -> None:
+        h.update(struct.pack("<Q", len(field)))
+        h.update(field)
+
+    put(FORMAT.encode())
+    put(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        put(name.encode())
+        put(f"{t.dtype} {tuple(t.shape)}".encode())
+        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_header(data: bytes, path: str | os.PathLike) -> dict:
+    """The safetensors header's __metadata__ (a str -> str mapping)."""
     if len(data) < 8:
         raise CorruptStateError(f"{path}: truncated (only {len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -188,13 +247,12 @@ def _read_meta(data: bytes, path: Path) -> dict:
     if n > len(data) - 8:
         raise CorruptStateError(f"{path}: truncated header")
     try:
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"]["genadapter"])
+        metadata = json.loads(data[8 : 8 + n])["__metadata__"]
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptStateError(f"{path}: not a genadapter state file") from e
-    if meta.get("format") != FORMAT:
-        raise CorruptStateError(f"{path}: unknown format {meta.get('format')!r}")
-    return meta
+    if not isinstance(metadata, dict) or META_KEY not in metadata:
+        raise CorruptStateError(f"{path}: not a genadapter state file")
+    return metadata
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -1,8 +1,13 @@
-"""Sessions: save/load, refusing foreign states, and bad input that changes nothing."""
+"""Sessions: save/load, refusing foreign states and altered files, and bad input that changes
+nothing; sessions and the model do not import each other."""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
+import genadapter
 from genadapter import CorruptStateError, DocumentError, IncompatibleStateError, load
 from genadapter.base import load_base
 from genadapter.generator import Generator, GeneratorConfig, GeneratorFormatError
@@ -66,9 +71,40 @@ def test_corrupt_or_missing_session_files_fail_clearly(random_model, absorbed, t
         random_model.load_session(tmp_path / "nowhere")
 
 
+def test_altered_session_metadata_is_refused(random_model, absorbed, tmp_path):
+    path = absorbed.save(tmp_path / "s")
+    data = path.read_bytes()
+    digits = str(absorbed.tokens).encode()
+    tokens = b'\\"tokens\\": ' + digits  # as the header's JSON escapes the metadata
+    question = b"When was the line electrified?"
+    assert data.count(tokens) == 1 and data.count(question) == 1
+    edits = {
+        # The count edited to 0, the header's length kept: loaded as an empty session before.
+        "tokens 0": data.replace(tokens, tokens[: -len(digits)] + b"0").replace(
+            b'}"', b" " * (len(digits) - 1) + b'}"', 1
+        ),
+        "bit in a count": data.replace(tokens, tokens[:-1] + bytes([tokens[-1] ^ 1])),
+        "bit in the conversation": data.replace(question, question.replace(b"W", b"w")),
+    }
+    for what, altered in edits.items():
+        assert len(altered) == len(data) and altered != data, what
+        path.write_bytes(altered)
+        with pytest.raises(CorruptStateError, match="checksum mismatch"):
+            random_model.load_session(tmp_path / "s")
+
+
 @pytest.mark.parametrize(
     "document",
-    ["", "   \n", b"\xc3\x28 invalid utf-8", 42, ["good text, then", None], "nul\x00byte"],
+    [
+        "",
+        "   \n",
+        b"\xc3\x28 invalid utf-8",
+        42,
+        ["good text, then", None],
+        "nul\x00byte",
+        [b"caf\xc3"],  # ends in the middle of a character
+        [b"caf\xc3", "\xa9 au lait"],  # a str piece cannot finish a character
+    ],
 )
 def test_bad_documents_leave_state_unchanged(absorbed, document):
     before = absorbed.state.checksum(), absorbed.state.tokens, absorbed.state.documents
@@ -140,3 +176,52 @@ def test_base_fingerprint_does_not_depend_on_dtype(random_model):
     # A generator trained on a bfloat16 base must load onto the float32 base and back.
     bf16 = load_base(None, device="cpu", dtype=torch.bfloat16)
     assert bf16.fingerprint == random_model.base_fingerprint
+
+
+def test_byte_pieces_may_split_a_character(random_model):
+    joined = random_model.session()
+    joined.absorb("caf\u00e9 au lait")
+    pieces = random_model.session()
+    pieces.absorb([b"caf\xc3", b"\xa9 au lait"])
+    assert (pieces.state.tokens, pieces.state.chunks) == (joined.state.tokens, joined.state.chunks)
+    for name, S in joined.state.sums.items():
+        assert torch.equal(pieces.state.sums[name], S)
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere (also inside functions), by name."""
+    modules = {
+        ".".join(f.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): f
+        for f in package.rglob("*.py")
+    }
+    graph = {}
+    for name, file in modules.items():
+        here = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here.rsplit(".", node.level - 1)[0] if node.level else ""
+                target = ".".join(p for p in (base, node.module or "") if p)
+                names = [f"{target}.{a.name}" for a in node.names] + [target]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {n for n in names if n in modules and n != package.name}
+    return graph
+
+
+def test_model_and_session_import_one_way():
+    graph = import_graph(Path(genadapter.__file__).parent)
+    assert "genadapter.session" in graph["genadapter.model"]
+
+    def reaches(start, goal):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return goal in seen
+
+    for mod in ("model", "session", "state", "text", "generation"):
+        assert not reaches(f"genadapter.{mod}", f"genadapter.{mod}"), f"{mod} is in an import cycle"

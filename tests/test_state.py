@@ -1,9 +1,14 @@
 """SVD normalization and the saved-state format, on random matrices (no model needed)."""
 
+import json
+import logging
 import os
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 
 from genadapter.state import AdapterState, CorruptStateError, atomic_write, normalize_svd
 
@@ -117,6 +122,93 @@ def test_truncated_and_corrupt_files_fail_clearly(tmp_path):
     path.write_bytes(bytes(flipped))
     with pytest.raises(CorruptStateError, match="checksum"):
         AdapterState.load(path)
+
+
+META = {
+    "base_fingerprint": "abc123",
+    "messages": [
+        {"role": "user", "content": "Caf\u00e9?"},
+        {"role": "assistant", "content": "Yes"},
+    ],
+    "created": 1700000000.25,
+}
+
+
+def rewrite_meta(path, edit):
+    """Re-save `path` as a well-formed safetensors file whose genadapter metadata `edit` changed:
+    what someone editing the header (not a random byte) produces."""
+    with safe_open(path, "pt") as f:
+        header = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    meta = json.loads(header["genadapter"])
+    edit(meta)
+    header["genadapter"] = json.dumps(meta)
+    path.write_bytes(st_save(tensors, metadata=header))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(tokens=0),  # loaded as an empty session before
+        lambda m: m.update(tokens=m["tokens"] + 1),
+        lambda m: m.update(chunks=3),
+        lambda m: m.update(documents=0),
+        lambda m: m["messages"][1].update(content="No"),
+        lambda m: m["messages"].pop(),
+        lambda m: m.update(created=0.0),
+        lambda m: m.update(base_fingerprint="abc124"),
+        lambda m: m.update(extra="field"),
+    ],
+)
+def test_edited_metadata_is_refused(tmp_path, edit):
+    path = tmp_path / "s.safetensors"
+    random_state().save(path, META)
+    rewrite_meta(path, edit)
+    with pytest.raises(CorruptStateError, match="checksum mismatch"):
+        AdapterState.load(path)
+
+
+def test_every_single_bit_flip_is_refused(tmp_path):
+    path = tmp_path / "s.safetensors"
+    random_state().save(path, META)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    # Every bit of the length and the header (metadata, checksum, tensor table); one bit of every
+    # byte of the tensor data.
+    positions = [(i, bit) for i in range(8 + n) for bit in range(8)]
+    positions += [(i, i % 8) for i in range(8 + n, len(data))]
+    loaded = []
+    for i, bit in positions:
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << bit
+        try:
+            AdapterState.from_bytes(bytes(flipped))  # what load() does with the file's bytes
+            loaded.append((i, bit))
+        except CorruptStateError:
+            pass
+    assert loaded == []
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptStateError, match="checksum mismatch"):
+        AdapterState.load(path)
+
+
+def test_format_1_files_still_load(tmp_path, caplog):
+    # Format 1 kept a checksum of the sums alone inside the metadata.
+    state = random_state()
+    meta = dict(META, format="genadapter-state/1", tokens=100, chunks=2, documents=1)
+    tensors = {n: s.contiguous() for n, s in state.sums.items()}
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(st_save(tensors, {"genadapter": json.dumps(dict(meta, checksum="0" * 64))}))
+    with pytest.raises(CorruptStateError, match="checksum"):
+        AdapterState.load(path)
+    meta["checksum"] = state.checksum()
+    path.write_bytes(st_save(tensors, {"genadapter": json.dumps(meta)}))
+    with caplog.at_level(logging.WARNING, logger="genadapter.state"):
+        loaded, got = AdapterState.load(path)
+    assert "save it again" in caplog.text
+    assert loaded.checksum() == state.checksum() and got["messages"] == META["messages"]
+    loaded.save(path, got)  # saving again writes the current format, which covers the metadata
+    assert AdapterState.load(path)[1]["format"] == "genadapter-state/2"
 
 
 def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):
