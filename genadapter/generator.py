@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .state import atomic_write
+from .head import HEAD_NAME, HeadAdapter, HeadConfig
+from .state import AdapterState, atomic_write, normalize_svd
 
 CONFIG_NAME = "config.json"
 PAIRINGS = ("same", "next", "both")
@@ -45,11 +46,17 @@ class GeneratorConfig:
     # next token, which a question about the text can look up. "both": half the value columns
     # each way (docs/ARCHITECTURE.md).
     pairing: str = "same"
+    # The LM-head adapter (genadapter/head.py) as a HeadConfig's fields, or None for none.
+    head: dict | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
 
     def __post_init__(self):
         check_pairing(self.pairing)
+        if self.head is not None:
+            HeadConfig(**self.head)  # validates
+        if not self.targets and self.head is None:
+            raise ValueError("a generator needs target layers, a head adapter, or both")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,7 +77,10 @@ def check_pairing(pairing: str) -> None:
 
 
 def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Linear layers of `model` whose last name component is in `targets`, by full name."""
+    """Linear layers of `model` whose last name component is in `targets`, by full name
+    (none when `targets` is empty)."""
+    if not targets:
+        return {}
     found = {
         name: module
         for name, module in model.named_modules()
@@ -137,10 +147,16 @@ def pair_sums(
 
 
 class Generator(nn.Module):
-    def __init__(self, config: GeneratorConfig, shapes: dict[str, tuple[int, int]]):
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        shapes: dict[str, tuple[int, int]],
+        hidden_size: int | None = None,
+    ):
         super().__init__()
         self.config = config
         self.shapes = dict(shapes)  # adapted layer name -> (d_in, d_out)
+        self.hidden_size = hidden_size
         g = torch.Generator().manual_seed(config.seed)  # same seed, same fresh generator
         self.layers = nn.ModuleDict(
             {
@@ -150,12 +166,18 @@ class Generator(nn.Module):
                 for name, (d_in, d_out) in self.shapes.items()
             }
         )
+        self.head: HeadAdapter | None = None
+        if config.head is not None:
+            if not hidden_size:
+                raise ValueError("a head adapter needs the base's hidden size")
+            self.head = HeadAdapter(hidden_size, HeadConfig(**config.head), g)
 
     @classmethod
     def for_base(cls, model: nn.Module, config: GeneratorConfig | None = None) -> Generator:
         config = config or GeneratorConfig()
         targets = find_targets(model, config.targets)
-        return cls(config, {n: (m.in_features, m.out_features) for n, m in targets.items()})
+        shapes = {n: (m.in_features, m.out_features) for n, m in targets.items()}
+        return cls(config, shapes, model.config.hidden_size)
 
     def set_pairing(self, pairing: str) -> Generator:
         """Switch how keys pair with values, e.g. to go on training a "same" generator as "next"."""
@@ -169,7 +191,22 @@ class Generator(nn.Module):
         return self.layers[_key(name)]
 
     def state_shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: (self.config.r1, self.config.r2) for name in self.shapes}
+        """State name -> (r1, r2): one per adapted layer, and `lm_head` for the head adapter."""
+        shapes = {name: (self.config.r1, self.config.r2) for name in self.shapes}
+        if self.head is not None:
+            shapes[HEAD_NAME] = (self.head.config.r1, self.head.config.r2)
+        return shapes
+
+    def normalized(self, state: AdapterState) -> dict[str, torch.Tensor]:
+        """S_hat per state name: the polar factor for adapted layers, the head adapter's own
+        scaling for `lm_head`. Cached on the state until it changes."""
+
+        def one(name: str, S: torch.Tensor) -> torch.Tensor:
+            if name == HEAD_NAME and self.head is not None:
+                return self.head.normalize(S, state.tokens)
+            return normalize_svd(S)
+
+        return state.normalized(one)
 
     def fingerprint(self) -> str:
         """Identity of these exact weights; a saved session is bound to it."""
@@ -186,6 +223,9 @@ class Generator(nn.Module):
             for layer in self.layers.values():
                 d_out, r2 = layer.B.shape
                 layer.B.copy_(torch.randn(d_out, r2, generator=g) * scale / r2**0.5)
+            if self.head is not None:
+                d, r2 = self.head.B.shape
+                self.head.B.copy_(torch.randn(d, r2, generator=g) * scale / r2**0.5)
         return self
 
     def save_pretrained(
@@ -206,6 +246,7 @@ class Generator(nn.Module):
             "format": "genadapter-generator/1",
             "base_fingerprint": base_fingerprint,
             "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "hidden_size": self.hidden_size,
             "config": self.config.to_dict(),
         }
         atomic_write(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
@@ -226,7 +267,7 @@ class Generator(nn.Module):
                 f"{folder} was trained for base {meta.get('base_fingerprint')}, "
                 f"this base is {base_fingerprint}"
             )
-        generator = cls(config, shapes)
+        generator = cls(config, shapes, meta.get("hidden_size"))
         try:
             tensors = load_file(folder / WEIGHTS_NAME)
         except FileNotFoundError as e:

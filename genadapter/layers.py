@@ -11,6 +11,7 @@ from torch import nn
 
 from . import kernels
 from .generator import Generator, LayerAdapter, find_targets
+from .head import HEAD_NAME, HeadAdapter
 
 
 @dataclass
@@ -38,8 +39,19 @@ class AdaptedLinear(nn.Module):
         self.__dict__["adapter"] = adapter
         self.__dict__["binding"] = binding
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base layer's weight (transformers reads it, e.g. the tied LM head's)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.binding
+        if isinstance(self.adapter, HeadAdapter):
+            # The head's delta acts on its input: W (x + D x), a low-rank update W D of W.
+            if b.s_hat is None:
+                return self.base(x)
+            d = lowrank_delta(x, self.adapter, b.s_hat[self.name])
+            return self.base(x + d.to(x.dtype))
         if b.s_hat is not None and b.sums is None:
             fused = fused_decode(x, self.base, self.adapter, b.s_hat[self.name])
             if fused is not None:
@@ -92,6 +104,9 @@ def inject(model: nn.Module, generator: Generator) -> Binding:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, AdaptedLinear(name, module, generator.adapter(name), binding))
+    if generator.head is not None:
+        head = model.get_output_embeddings()
+        model.set_output_embeddings(AdaptedLinear(HEAD_NAME, head, generator.head, binding))
     return binding
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .base import Base, load_base, pick_device
 from .generator import Generator, GeneratorConfig
+from .head import HEAD_NAME, head_pairs
 from .layers import Binding, bound, inject
 from .quantize import check_mode, quantize_base
 from .session import AbsorbStats, Session
@@ -116,10 +117,20 @@ class AdaptedModel:
             mask[i, : len(c)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         sums: dict[str, torch.Tensor] = {}
+        head = self.generator.head
+        layer_states = head is not None and head.config.key_layer is not None
         # Right padding with a causal mask: real tokens never attend to the padding, and the
         # padding's own keys/values are masked out of the sums. The LM head is skipped.
         with bound(self.binding, sums=sums, token_mask=mask):
-            self.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = self.base.base_model(
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=False,
+                output_hidden_states=layer_states,
+            )
+        if head is not None:
+            hidden = out.hidden_states if layer_states else None
+            sums[HEAD_NAME] = head_pairs(self.base, head, ids, mask, out.last_hidden_state, hidden)
         for name, s in sums.items():
             state.sums[name] += s.sum(0)
         state.tokens += int(mask.sum())
@@ -132,7 +143,10 @@ class AdaptedModel:
         empty, leaves the base model untouched (bit-exact)."""
         if states is None or all(s is None or s.is_empty for s in states):
             return bound(self.binding, s_hat=None)
-        per_seq = [s.normalized() if s is not None and not s.is_empty else None for s in states]
+        per_seq = [
+            self.generator.normalized(s) if s is not None and not s.is_empty else None
+            for s in states
+        ]
         s_hat = {}
         for name, (r1, r2) in self.generator.state_shapes().items():
             zero = torch.zeros(r1, r2, device=self.device)

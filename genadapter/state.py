@@ -139,9 +139,12 @@ class AdapterState:
         self._normalized = None
         return self
 
-    def normalized(self) -> dict[str, torch.Tensor]:
+    def normalized(self, normalize=None) -> dict[str, torch.Tensor]:
+        """S_hat per layer: `normalize(name, S)` (the generator's; default: normalize_svd for
+        every layer). Cached until the state changes; one state serves one generator."""
         if self._normalized is None:
-            self._normalized = {n: normalize_svd(s) for n, s in self.sums.items()}
+            f = normalize or (lambda name, S: normalize_svd(S))
+            self._normalized = {n: f(n, s) for n, s in self.sums.items()}
         return self._normalized
 
     def checksum(self) -> str:
