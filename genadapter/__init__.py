@@ -1,12 +1,30 @@
-"""genadapter: absorb context into a frozen language model's parameters (GenerativeAdapter)."""
+"""genadapter: absorb context into a frozen language model's parameters (GenerativeAdapter).
 
-from .generator import Generator, GeneratorConfig, GeneratorFormatError
-from .model import AbsorbStats, AdaptedModel, load
-from .session import Session
-from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd
-from .text import DocumentError
+The public names below are imported on first use, so importing `genadapter` (or its command
+line, for `genadapter --help`) does not pay for torch and transformers until a model is needed."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "AbsorbStats": "model",
+    "AdaptedModel": "model",
+    "AdapterState": "state",
+    "CorruptStateError": "state",
+    "DocumentError": "text",
+    "Generator": "generator",
+    "GeneratorConfig": "generator",
+    "GeneratorFormatError": "generator",
+    "IncompatibleStateError": "state",
+    "Session": "session",
+    "load": "model",
+    "normalize_svd": "state",
+}
 
 __all__ = [
     "AbsorbStats",
@@ -22,3 +40,23 @@ __all__ = [
     "load",
     "normalize_svd",
 ]
+
+if TYPE_CHECKING:  # what the lazy imports below resolve to, for type checkers and readers
+    from .generator import Generator, GeneratorConfig, GeneratorFormatError
+    from .model import AbsorbStats, AdaptedModel, load
+    from .session import Session
+    from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd
+    from .text import DocumentError
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -16,14 +16,11 @@ Runs unchanged on CUDA (timings synchronize the device)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .generation import SamplingParams, generate_batch, generate_ids
+from .generation import SamplingParams, cache_kwargs, generate_batch, generate_ids
 from .model import AdaptedModel
-from .state import AdapterState, atomic_write
+from .state import AdapterState
 from .text import chunked, token_stream
 
 log = logging.getLogger(__name__)
@@ -122,12 +119,16 @@ def timed_greedy(
     with model.bind_states([state]):
         start = _clock(model)
         token = (
-            model.base(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+            model.base(input_ids=x, **cache_kwargs(model.base, cache), use_cache=True)
+            .logits[0, -1]
+            .argmax()
         )
         first = _clock(model)
         for _ in range(new_tokens - 1):
             tokens.append(token)
-            out = model.base(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            out = model.base(
+                input_ids=token.view(1, 1), **cache_kwargs(model.base, cache), use_cache=True
+            )
             token = out.logits[0, -1].argmax()
         end = _clock(model)
     tokens = [int(t) for t in [*tokens, token]]
@@ -209,10 +210,16 @@ def _library_decode(model: AdaptedModel, ids: list[int], state, n: int) -> float
 def _unwrapped_decode(model: AdaptedModel, ids: list[int], n: int) -> float:
     cache = DynamicCache()
     x = torch.tensor([ids], device=model.device)
-    token = model.base(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+    token = (
+        model.base(input_ids=x, **cache_kwargs(model.base, cache), use_cache=True)
+        .logits[0, -1]
+        .argmax()
+    )
     first = _clock(model)
     for _ in range(n - 1):
-        out = model.base(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model.base(
+            input_ids=token.view(1, 1), **cache_kwargs(model.base, cache), use_cache=True
+        )
         token = out.logits[0, -1].argmax()
     return (_clock(model) - first) / max(n - 1, 1)
 
@@ -445,35 +452,3 @@ def format_report(r: dict) -> str:
             f"{b['tokens_per_s_no_states']:8.1f} without  step time ratio {b['step_ratio']:.2f}"
         )
     return "\n".join(lines)
-
-
-def add_bench_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]):
-    """Register `genadapter bench`; model_args adds the CLI's shared model options."""
-    p = sub.add_parser("bench", help="speed and memory of absorbed context against prompting")
-    model_args(p)
-    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for tests")
-    p.add_argument("--out", default="bench-results.json", metavar="FILE", help="JSON results")
-    p.add_argument("--dtype", help="float32, bfloat16, ... (default: the device's default)")
-    p.set_defaults(run=cmd_bench)
-    return p
-
-
-def cmd_bench(args) -> int:
-    import genadapter
-
-    from .cli import quantize_arg
-
-    model = genadapter.load(
-        base=args.base,
-        generator=args.generator,
-        device=args.device,
-        dtype=args.dtype,
-        chunk_tokens=args.chunk_tokens,
-        quantize=quantize_arg(args.quantize),
-    )
-    results = run_bench(model, "quick" if args.quick else "default")
-    print(format_report(results))
-    out = Path(args.out)
-    atomic_write(out, json.dumps(results, indent=1).encode())
-    print(f"wrote {out}")
-    return 0

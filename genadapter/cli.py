@@ -1,177 +1,238 @@
-"""Command line: `genadapter chat` (interactive, streaming) and `genadapter absorb`."""
+"""The `genadapter` command: chat, absorb, serve, eval and bench.
+
+Each command checks its arguments (files, generator folder, device) before the slow model load
+and imports torch only then, so `genadapter --help` is quick. Exit status: 0 done, 1 an error while
+running, 2 a bad command line, 130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from tqdm.auto import tqdm
+from . import __version__
+from .options import (
+    UsageError,
+    add_model_args,
+    existing_file,
+    load_model,
+    non_negative_float,
+    positive_int,
+)
 
-HELP = """commands:
-  /absorb FILE   absorb a document into this session
-  /reset         forget absorbed documents and the conversation
-  /save DIR      save the session (state and conversation)
-  /load DIR      load a saved session
-  /stats         tokens absorbed, state size, KV cache the same context would need
-  /quit          leave (also Ctrl-D)"""
+DESCRIPTION = """\
+genadapter puts documents into a frozen language model's parameters instead of its prompt
+(GenerativeAdapter): a session absorbs documents into a small state, and answers as if it had
+read them. Run `genadapter COMMAND --help` for a command's options."""
 
-
-def _load_model(args):
-    import genadapter
-
-    return genadapter.load(
-        base=args.base,
-        generator=args.generator,
-        device=args.device,
-        chunk_tokens=args.chunk_tokens,
-        quantize=quantize_arg(args.quantize),
-    )
+SUITES_PLACEHOLDER = "{suites}"
 
 
-def quantize_arg(value: str) -> str | None:
-    """--quantize's value as genadapter.load() takes it ("none" -> None)."""
-    return None if value == "none" else value
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (the chat commands' table)."""
 
 
-def _read_document(path: str):
-    """Yield a file's text in pieces so a huge file is never held whole."""
-    with open(path, encoding="utf-8", errors="strict") as f:
-        while piece := f.read(1 << 16):
-            yield piece
+class _EvalFormatter(_Formatter):
+    """Names the evaluation suites in `eval --help`. They are imported only when that help is
+    shown: the harness imports torch, and `genadapter --help` must stay quick."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if SUITES_PLACEHOLDER in text:
+            from .eval.runner import SUITES
+
+            text = text.replace(SUITES_PLACEHOLDER, ", ".join(SUITES))
+        return text
 
 
-def _absorb_file(session, path: str) -> None:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        stats = session.absorb(_read_document(path), progress=True)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from e
-    tqdm.write(
-        f"absorbed {path}: {stats.tokens} tokens in {stats.chunks} chunks, {stats.seconds:.1f} s"
-    )
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import absorb_file, interact
 
-
-def _stats(session) -> str:
-    s = session.state
-    kv = session.model.kv_cache_bytes(s.tokens)
-    return (
-        f"documents {s.documents}, tokens {s.tokens}, chunks {s.chunks}, "
-        f"turns {len(session.messages) // 2}; state {session.nbytes / 1024:.0f} KiB "
-        f"(a KV cache for the same context: {kv / 1024:.0f} KiB)"
-    )
-
-
-def _command(session, line: str):
-    """Run one /command; returns the (possibly new) session, or None to quit."""
-    cmd, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if cmd in ("/quit", "/exit"):
-        return None
-    if cmd == "/absorb" and arg:
-        _absorb_file(session, arg)
-    elif cmd == "/reset":
-        session.reset()
-        print("session reset")
-    elif cmd == "/save" and arg:
-        print(f"saved to {session.save(arg)}")
-    elif cmd == "/load" and arg:
-        session = session.model.load_session(arg)
-        print(f"loaded {arg}: {_stats(session)}")
-    elif cmd == "/stats":
-        print(_stats(session))
-    else:
-        print(HELP)
-    return session
-
-
-def cmd_chat(args) -> int:
-    model = _load_model(args)
+    for doc in args.doc:
+        existing_file(doc, "--doc")
+    model = load_model(args)
     session = model.session()
     for doc in args.doc:
-        _absorb_file(session, doc)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Type a message, or /help for commands.")
-    while True:
-        try:
-            line = input("> " if interactive else "").strip()
-        except EOFError:
-            break
-        if not line:
-            continue
-        try:
-            if line.startswith("/"):
-                session = _command(session, line)
-                if session is None:
-                    break
-                continue
-            for piece in session.chat(
-                line, stream=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature
-            ):
-                print(piece, end="", flush=True)
-            print()
-        except (OSError, ValueError) as e:  # bad file, bad state, bad input: report, keep going
-            print(f"error: {e}", file=sys.stderr)
+        absorb_file(session, doc)
+    interact(session, args.max_new_tokens, args.temperature)
     return 0
 
 
-def cmd_absorb(args) -> int:
-    model = _load_model(args)
+def cmd_absorb(args: argparse.Namespace) -> int:
+    from .chat import absorb_file
+
+    for doc in args.files:
+        existing_file(doc)
+    model = load_model(args)
     session = model.session()
     for doc in args.files:
-        _absorb_file(session, doc)
+        absorb_file(session, doc)
     path = session.save(args.out)
     print(f"saved {session.state.tokens} tokens of context as {session.nbytes} bytes to {path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genadapter", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
 
-    def model_args(p):
-        p.add_argument(
-            "--base",
-            help="local Hugging Face folder or .gguf file (default: "
-            "the embedded SmolLM2-135M-Instruct)",
-        )
-        p.add_argument("--generator", help="trained generator folder")
-        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-        p.add_argument("--chunk-tokens", type=int, help="context chunk length in tokens")
-        p.add_argument(
-            "--quantize",
-            choices=["auto", "nf4", "int8", "none"],
-            default="auto",
-            help="base weights through bitsandbytes (default auto: nf4 on CUDA, none on CPU)",
-        )
+    from .eval.report import format_table, write_charts, write_json
+    from .eval.runner import SUITES, resolve_limits, run_suites
 
-    chat = sub.add_parser("chat", help="chat with a session that absorbed documents")
-    model_args(chat)
-    chat.add_argument(
-        "--doc", action="append", default=[], metavar="FILE", help="absorb FILE first (repeatable)"
+    asked = args.suite or ["all"]
+    for suite in asked:
+        if suite != "all" and suite not in SUITES:
+            raise UsageError(f"--suite {suite}: unknown suite; known: {', '.join(SUITES)}, all")
+    suites = SUITES if "all" in asked else tuple(dict.fromkeys(asked))
+    try:
+        limits = resolve_limits(args.limit)
+    except ValueError as e:
+        raise UsageError(f"--limit {args.limit}: {e}") from None
+    model = load_model(args)
+    start = time.perf_counter()
+    results = run_suites(model, suites, limits, args.seed, args.split)
+    results["config"]["limit"] = args.limit
+    results["config"]["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    print(format_table(results))
+    paths = [write_json(results, out / "results.json"), *write_charts(results, out)]
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench import format_report, run_bench
+    from .state import atomic_write
+
+    model = load_model(args, dtype=args.dtype)
+    results = run_bench(model, "quick" if args.quick else "default")
+    print(format_report(results))
+    out = Path(args.out)
+    atomic_write(out, json.dumps(results, indent=1).encode())
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_chat(sub) -> None:
+    from .chat import COMMANDS
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a session that absorbed documents (interactive, streaming)",
+        description="Absorb each --doc file, then answer messages read from the terminal.",
+        epilog=COMMANDS,
+        formatter_class=_Formatter,
     )
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    add_model_args(chat)
+    chat.add_argument(
+        "--doc",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="absorb FILE first; repeatable (default: none, an empty session)",
+    )
+    chat.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="longest answer in tokens (default: 256)",
+    )
+    chat.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 is greedy (default: 0)",
+    )
     chat.set_defaults(run=cmd_chat)
 
-    absorb = sub.add_parser("absorb", help="absorb files into a new session and save it")
-    model_args(absorb)
-    absorb.add_argument("files", nargs="+", metavar="FILE")
-    absorb.add_argument("--out", required=True, metavar="DIR", help="where to save the session")
+
+def _add_absorb(sub) -> None:
+    absorb = sub.add_parser(
+        "absorb",
+        help="absorb files into a new session and save it",
+        description="Absorb each FILE as one document into a new session; save it to DIR.",
+    )
+    add_model_args(absorb)
+    absorb.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    absorb.add_argument(
+        "--out", required=True, metavar="DIR", help="save the session as DIR/state.safetensors"
+    )
     absorb.set_defaults(run=cmd_absorb)
 
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare base, prompting and absorbed context (and SFT) on evaluation suites",
+        description="Evaluation suites of docs/EVAL.md: a table, results.json and charts.",
+        formatter_class=_EvalFormatter,
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--suite",
+        action="append",
+        metavar="SUITE",
+        help=f"{SUITES_PLACEHOLDER}, or all; repeatable (default: all)",
+    )
+    p.add_argument(
+        "--limit",
+        default="small",
+        help="tiny, small, full, or a number of examples (default: small)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated suites (default: 0)")
+    p.add_argument(
+        "--split", choices=["test", "dev"], default="test", help="documents' split (default: test)"
+    )
+    p.add_argument(
+        "--out",
+        default="eval-results",
+        metavar="DIR",
+        help="JSON and charts (default: eval-results)",
+    )
+    p.set_defaults(run=cmd_eval)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory of absorbed context against prompting",
+        description="Absorb, decode and time-to-first-token measurements (docs/BENCHMARKS.md).",
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes, seconds, for tests (default: off)"
+    )
+    p.add_argument(
+        "--out",
+        default="bench-results.json",
+        metavar="FILE",
+        help="JSON results (default: bench-results.json)",
+    )
+    p.add_argument(
+        "--dtype", help="float32, bfloat16, ... (default: bfloat16 on CUDA, float32 on the CPU)"
+    )
+    p.set_defaults(run=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; building it imports no model code."""
     from .server import add_serve_parser
 
-    add_serve_parser(sub, model_args)
-
-    from .bench import add_bench_parser
-    from .eval.runner import add_eval_parser
-
-    add_eval_parser(sub, model_args)
-    add_bench_parser(sub, model_args)
+    parser = argparse.ArgumentParser(
+        prog="genadapter", description=DESCRIPTION, formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    _add_chat(sub)
+    _add_absorb(sub)
+    add_serve_parser(sub)
+    _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -180,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except UsageError as e:
+        print(f"genadapter {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         print(f"genadapter: error: {e}", file=sys.stderr)
         return 1

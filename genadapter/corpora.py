@@ -3,6 +3,9 @@ training/DATA.md), and the one rule that splits documents into train / dev / tes
 
 Every document has a stable id ("python-docs:library/os", "foldoc:0042", ...). Training uses only
 `split_of(id) == "train"`; evaluation uses "test"; periodic evaluation during training uses "dev".
+
+The packages' files are read under the file-system root `/`, or under $GENADAPTER_CORPUS_ROOT when
+it is set: a folder laid out like `/` (the tests point it at a small fixture tree).
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import html
+import os
 import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-DICTD = Path("/usr/share/dictd")
-DEBIAN_REFERENCE = Path("/usr/share/doc/debian-reference-en/docs")
+ROOT_ENV = "GENADAPTER_CORPUS_ROOT"
+# Where Debian installs each corpus, relative to the root (see path()).
+PYTHON_DOCS = Path("usr/share/doc/python3.11/html/_sources")
+DICTD = Path("usr/share/dictd")
+DEBIAN_REFERENCE = Path("usr/share/doc/debian-reference-en/docs")
+WORDNET = Path("usr/share/wordnet")  # read by eval/demonstrations.py and training/synth_qa.py
 
 # Dictionary entries are short; consecutive entries are grouped into documents of about this size.
 DICT_DOC_CHARS = 6000
@@ -37,14 +44,25 @@ def split_of(doc_id: str) -> str:
     return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
 
 
+def root() -> Path:
+    """The folder the corpora are read under: $GENADAPTER_CORPUS_ROOT, or `/`."""
+    return Path(os.environ.get(ROOT_ENV) or "/")
+
+
+def path(relative: Path) -> Path:
+    """Where one of the paths above is on this machine (under root())."""
+    return root() / relative
+
+
 def available() -> list[str]:
+    """The corpora whose files are present under root(), in CORPORA's order."""
     paths = {
         "python-docs": PYTHON_DOCS,
         "foldoc": DICTD / "foldoc.index",
         "gcide": DICTD / "gcide.index",
         "debian-reference": DEBIAN_REFERENCE,
     }
-    return [name for name in CORPORA if paths[name].exists()]
+    return [name for name in CORPORA if path(paths[name]).exists()]
 
 
 def documents(corpus: str, split: str | None = None) -> Iterator[tuple[str, str]]:
@@ -67,9 +85,10 @@ def documents(corpus: str, split: str | None = None) -> Iterator[tuple[str, str]
 
 
 def _python_docs() -> Iterator[tuple[str, str]]:
-    for path in sorted(PYTHON_DOCS.rglob("*.rst.txt")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        name = str(path.relative_to(PYTHON_DOCS)).removesuffix(".rst.txt")
+    folder = path(PYTHON_DOCS)
+    for file in sorted(folder.rglob("*.rst.txt")):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        name = file.relative_to(folder).as_posix().removesuffix(".rst.txt")
         if text.strip():
             yield f"python-docs:{name}", text
 
@@ -84,9 +103,9 @@ def _b64(s: str) -> int:
 
 
 def _dictionary(name: str) -> Iterator[tuple[str, str]]:
-    body = gzip.decompress((DICTD / f"{name}.dict.dz").read_bytes())
+    body = gzip.decompress(path(DICTD / f"{name}.dict.dz").read_bytes())
     spans = set()
-    for line in (DICTD / f"{name}.index").read_text(encoding="utf-8").splitlines():
+    for line in path(DICTD / f"{name}.index").read_text(encoding="utf-8").splitlines():
         parts = line.split("\t")
         if len(parts) >= 3 and not parts[0].startswith("00-database"):
             spans.add((_b64(parts[1]), _b64(parts[2])))
@@ -122,13 +141,13 @@ class _TextOfHTML(HTMLParser):
 
 
 def _debian_reference() -> Iterator[tuple[str, str]]:
-    for path in sorted(DEBIAN_REFERENCE.glob("*.en.html")):
+    for file in sorted(path(DEBIAN_REFERENCE).glob("*.en.html")):
         parser = _TextOfHTML()
-        parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+        parser.feed(file.read_text(encoding="utf-8", errors="replace"))
         text = re.sub(r"\n\s*\n+", "\n\n", html.unescape("".join(parser.parts))).strip()
         # A chapter is long: split at blank lines into documents of a few thousand characters.
         for i, part in enumerate(_paragraph_groups(text, 8000)):
-            yield f"debian-reference:{path.name.split('.')[0]}:{i:03d}", part
+            yield f"debian-reference:{file.name.split('.')[0]}:{i:03d}", part
 
 
 def _paragraph_groups(text: str, max_chars: int) -> Iterator[str]:

@@ -1,15 +1,50 @@
-"""Shared fixtures. Models load in float32 on the CPU so comparisons can use tight tolerances."""
+"""Shared fixtures. Models load in float32 on the CPU so comparisons can use tight tolerances.
+
+The whole session (and every command it runs in a subprocess) reads the Debian corpora from a
+fixture tree written for the tests (tests/corpus_fixture.py), never from this machine's /usr/share:
+the suite needs nothing that `make setup` does not install."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import genadapter
+from genadapter import corpora
 from genadapter.base import Base, _converted_default_dir, default_gguf_path, load_base
 from genadapter.generator import Generator, GeneratorConfig
 from genadapter.model import AdaptedModel
+
+from . import corpus_fixture
+
+_corpus_root: Path | None = None
+
+
+def pytest_configure(config):
+    """Before collection: build the fixture corpora and point genadapter.corpora at them."""
+    global _corpus_root
+    _corpus_root = corpus_fixture.build(Path(tempfile.mkdtemp(prefix="genadapter-corpora-")))
+    os.environ[corpora.ROOT_ENV] = str(_corpus_root)
+
+
+def pytest_unconfigure(config):
+    os.environ.pop(corpora.ROOT_ENV, None)
+    if _corpus_root is not None:
+        shutil.rmtree(_corpus_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_root() -> Path:
+    """The fixture tree the corpora are read from in this session."""
+    assert _corpus_root is not None and corpora.root() == _corpus_root
+    return _corpus_root
+
 
 # Small chunks so short test documents still span several chunks and chunk batches.
 TEST_CHUNK = 64

@@ -26,19 +26,20 @@ def test_empty_session_with_trained_generator_equals_base(trained, reference):
 
 
 def test_absorbed_text_lowers_perplexity_of_its_continuation(trained):
-    # Held-out FOLDOC documents (the "test" split, never trained on): absorb 512 tokens, score
-    # the next 256 with and without the session. The generator was trained on this kind of text;
-    # on narrative prose of another domain it does not help yet (docs/TRAINING.md).
+    # Held-out dictionary documents (the "test" split of the fixture FOLDOC of
+    # tests/corpus_fixture.py, laid out like the real one the generator was trained on): absorb 512
+    # tokens, score the next 256 with and without the session. On narrative prose of another
+    # domain the generator does not help yet (docs/TRAINING.md).
     from genadapter import corpora
 
-    if "foldoc" not in corpora.available():
-        pytest.skip("needs Debian's dict-foldoc (apt-get install dict-foldoc)")
     tok = trained.tokenizer
     docs = [tok.encode(t, add_special_tokens=False) for _, t in corpora.documents("foldoc", "test")]
     docs = [d for d in docs if len(d) >= 800][:2]
+    assert len(docs) == 2
+    gains = []
     for ids in docs:
         s = trained.session()
         s.absorb(tok.decode(ids[:512]))
         target = tok.decode(ids[512:768])
-        base, adapted = trained.score(target), trained.score(target, session=s)
-        assert adapted < base - 0.2, (base, adapted)
+        gains.append(trained.score(target) - trained.score(target, session=s))
+    assert min(gains) > 0.15 and sum(gains) / len(gains) > 0.2, gains

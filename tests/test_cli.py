@@ -1,9 +1,20 @@
-"""The command line, run as a user would: a subprocess with piped standard input."""
+"""The command line, run as a user would: a subprocess with piped standard input, or on a
+pseudo-terminal for Ctrl+C and Ctrl-D."""
 
+import argparse
+import fcntl
+import os
+import pty
+import select
 import subprocess
 import sys
+import termios
+import time
 
 import torch
+
+import genadapter
+from genadapter.cli import build_parser
 
 from .conftest import DOCUMENT
 
@@ -25,6 +36,8 @@ def test_absorb_command_saves_a_loadable_session(model, tmp_path):
         "absorb", str(doc), str(doc), "--out", str(tmp_path / "s"), "--chunk-tokens", "64"
     )
     assert out.returncode == 0, out.stderr
+    # No --generator: the warning tells a command-line user how to pass one.
+    assert "--generator PATH" in out.stderr and "generator=PATH" not in out.stderr
     loaded = model.load_session(tmp_path / "s")
     direct = model.session()
     direct.absorb(DOCUMENT)
@@ -87,9 +100,158 @@ def test_chat_repl_commands(tmp_path):
 
 def test_cli_errors_are_clear(tmp_path):
     out = run_cli("absorb", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "s"))
-    assert out.returncode == 1 and "no such file" in out.stderr
+    assert out.returncode == 2 and "no such file" in out.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     out = run_cli("absorb", str(empty), "--out", str(tmp_path / "s"))
     assert out.returncode == 1 and "empty" in out.stderr
     assert not (tmp_path / "s").exists()
+
+
+# -- arguments and help, checked before any model loads --------------------------------------------
+
+
+def test_help_is_quick_lists_every_command_and_imports_no_torch():
+    probe = (
+        "import sys\n"
+        "from genadapter.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("heavy: []")
+    for command in ("chat", "absorb", "serve", "eval", "bench"):
+        line = next(x for x in out.stdout.splitlines() if x.strip().startswith(command + " "))
+        assert len(line.split()) > 3, line  # the command and what it does
+    assert "--version" in out.stdout
+
+
+def test_version():
+    out = run_cli("--version", timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"genadapter {genadapter.__version__}"
+
+
+def test_every_option_says_its_default():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"chat", "absorb", "serve", "eval", "bench"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue  # positionals
+            if isinstance(action, argparse._HelpAction) or action.required:
+                continue  # -h, and options that must be given (no default to tell)
+            assert action.help and "default" in action.help, (name, action.option_strings)
+
+
+def test_chat_help_lists_the_slash_commands():
+    out = run_cli("chat", "--help", timeout=60)
+    assert out.returncode == 0
+    for command in ("/absorb FILE", "/reset", "/save DIR", "/load DIR", "/stats", "/quit"):
+        assert command in out.stdout
+    assert "Ctrl+C" in out.stdout and "Ctrl-D" in out.stdout
+
+
+def test_eval_help_names_every_suite():
+    from genadapter.eval.runner import SUITES
+
+    out = run_cli("eval", "--help", timeout=60)
+    assert out.returncode == 0 and ", ".join(SUITES) + ", or all" in " ".join(out.stdout.split())
+
+
+def test_bad_arguments_are_one_line_errors_before_the_model_loads(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    # A device this machine does not have: plain "cuda" on a CPU-only machine.
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    cases = [
+        (["chat", "--device", missing], f"--device {missing}: "),
+        (["chat", "--device", "toaster"], "--device toaster: not a device name"),
+        (["chat", "--generator", "nope"], "--generator nope: no such folder"),
+        (["chat", "--generator", str(tmp_path)], "not a generator folder"),
+        (["chat", "--base", str(tmp_path / "nope.gguf")], "no such file or folder"),
+        (["chat", "--doc", str(doc), "--doc", str(tmp_path / "missing.txt")], "no such file"),
+        (["absorb", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "s")], "no such file"),
+        (["absorb", str(tmp_path), "--out", str(tmp_path / "s")], "not a file"),
+        (["bench", "--device", missing, "--quick"], "CUDA"),
+    ]
+    for args, message in cases:
+        out = run_cli(*args, stdin="/quit\n", timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and message in out.stderr, (args, out.stderr)
+        assert out.stderr.startswith(f"genadapter {args[0]}: error: "), out.stderr
+    assert not (tmp_path / "s").exists()
+
+
+# -- Ctrl+C in chat --------------------------------------------------------------------------------
+
+
+class Terminal:
+    """The chat command on a pseudo-terminal it controls, as a user runs it: Ctrl+C typed there
+    reaches it as SIGINT from the terminal, Ctrl-D as end of input."""
+
+    def __init__(self, args, timeout=300):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "genadapter.cli", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,  # a session of its own, whose controlling terminal is this
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env={**os.environ, "TERM": "dumb"},
+        )
+        os.close(slave)
+        self.output, self.seen, self.timeout = b"", 0, timeout
+
+    def expect(self, text: str) -> str:
+        """Wait for `text` after what was already expected; returns the output up to it."""
+        deadline = time.monotonic() + self.timeout
+        while (at := self.output.find(text.encode(), self.seen)) < 0:
+            ready, _, _ = select.select([self.master], [], [], deadline - time.monotonic())
+            assert ready, f"no {text!r} in {self.output[self.seen :].decode(errors='replace')!r}"
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # the command exited and closed the terminal
+                data = b""
+            assert data, f"exited before {text!r}: {self.output.decode(errors='replace')!r}"
+            self.output += data
+        start, self.seen = self.seen, at + len(text)
+        return self.output[start : self.seen].decode(errors="replace")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def close(self) -> int:
+        code = self.proc.wait(timeout=60)
+        os.close(self.master)
+        return code
+
+
+def test_ctrl_c_stops_an_answer_and_keeps_the_session(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    term = Terminal(["chat", "--doc", str(doc), "--chunk-tokens", "64", "--max-new-tokens", "400"])
+    try:
+        term.expect("> ")
+        term.type(b"What is the capital of France?\n")
+        assert "Paris" in term.expect("> ")
+        term.type(b"Write a very long story about a railway, with many chapters.\n")
+        term.expect("railway, with many chapters.\r\n")  # the terminal's echo of the line
+        term.expect(" ")  # the answer has started streaming
+        term.type(b"\x03")  # Ctrl+C
+        term.expect("answer stopped")
+        term.expect("> ")
+        term.type(b"\x03")  # Ctrl+C at the prompt: a fresh prompt, the chat goes on
+        term.expect("/quit leaves")
+        term.expect("> ")
+        term.type(b"/stats\n")
+        # The document and the finished turn are kept; the stopped turn is not recorded.
+        stats = term.expect("> ")
+        assert "documents 1, tokens" in stats and "turns 1;" in stats, stats
+        term.type(b"\x04")  # Ctrl-D leaves
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()

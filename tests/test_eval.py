@@ -1,5 +1,9 @@
 """The evaluation harness: metrics against hand-computed numbers, deterministic data, prompts that
-differ only in the context, every suite on a tiny limit through the runner, and the real CLI."""
+differ only in the context, every suite on a tiny limit through the runner, and the real CLI.
+
+Corpus documents and WordNet come from the fixture tree of tests/corpus_fixture.py (conftest.py
+points genadapter.corpora at it), so these tests run the same on a machine without the Debian
+packages."""
 
 import json
 import math
@@ -9,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from genadapter import corpora
 from genadapter.corpora import split_of
 from genadapter.eval import SUITES, is_eval_document, run_suites
 from genadapter.eval import metrics as m
@@ -122,6 +127,23 @@ def test_eval_documents_are_kept_out_of_training(model):
     assert len(docs) == 3 and all(split_of(d.doc_id) == "test" for d in docs)
     assert len({d.doc_id.split(":")[0] for d in docs}) == 3  # spread over corpora
     assert all(len(d.target_ids) == 16 and 32 <= len(d.context_ids) <= 64 for d in docs)
+
+
+def test_corpora_are_read_under_their_root(corpus_root, monkeypatch, tmp_path):
+    assert corpora.available() == list(corpora.CORPORA)
+    sorting = dict(corpora.documents("python-docs"))["python-docs:howto/sorting"]
+    assert sorting == (corpus_root / corpora.PYTHON_DOCS / "howto/sorting.rst.txt").read_text()
+    chapter = dict(corpora.documents("debian-reference", "test"))["debian-reference:ch16:000"]
+    assert chapter.startswith("Chapter 16. Backups") and "scripts are not text" not in chapter
+    entries = dict(corpora.documents("foldoc"))["foldoc:00000"].split("\n\n")
+    assert "00-database-info" not in entries[0] and entries[2].startswith("   See also")
+    # An empty root is a machine without the packages: the harness says what to install.
+    monkeypatch.setenv(corpora.ROOT_ENV, str(tmp_path))
+    assert corpora.available() == []
+    with pytest.raises(FileNotFoundError, match="apt-get install python3-doc dict-foldoc"):
+        completion_documents(None, 3, 64, 16, seed=0)
+    with pytest.raises(FileNotFoundError, match="dict-gcide"):
+        list(corpora.documents("gcide"))
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -248,11 +270,14 @@ def test_eval_command_writes_table_json_and_charts(tmp_path):
 
 
 def test_eval_command_rejects_bad_arguments(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "genadapter.cli", "eval", "--limit", "huge", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 1 and "unknown limit" in out.stderr
+    # Reported as a bad command line (exit 2) before the model loads.
+    for bad, message in ((["--limit", "huge"], "unknown limit"), (["--suite", "nope"], "unknown")):
+        out = subprocess.run(
+            [sys.executable, "-m", "genadapter.cli", "eval", *bad, "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "Loading weights" not in out.stderr
     assert not (tmp_path / "results.json").exists()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from genadapter import corpora
+
 # Names are random syllables from a large space, so no answer can be guessed from what training
 # saw before: the only way to lower the loss is to read the absorbed document. (A first version
 # drew from 21 fixed syllables, and the generator learned to answer with plausible made-up names
@@ -37,9 +39,13 @@ FILLER = [
     "The weather there changes quickly in the afternoon.",
     "There is a small museum nearby with a few related objects.",
 ]
-WORDNET_SYNSETS = Path("/usr/share/wordnet/data.noun")  # Debian's wordnet package
 # WordNet lexicographer files (noun.animal, noun.food, ...) whose nouns fill a slot of that kind.
 CATEGORIES = {"act": 4, "animal": 5, "artifact": 6, "cognition": 9, "food": 13, "substance": 27}
+
+
+def wordnet_nouns() -> Path:
+    """WordNet's noun synsets (Debian's wordnet package), under genadapter.corpora's root."""
+    return corpora.path(corpora.WORDNET / "data.noun")
 
 
 @cache
@@ -47,10 +53,11 @@ def category_words(category: str) -> tuple[str, ...]:
     """Plain lower-case WordNet nouns of 3-10 letters of one kind (1,500-7,000 of each), or ()
     without WordNet. An answer drawn from them is of the kind the question asks for, which the
     base model can recognise in the document, but too rare to be guessed."""
-    if not WORDNET_SYNSETS.is_file():
+    synsets = wordnet_nouns()
+    if not synsets.is_file():
         return ()
     words = set()
-    for line in WORDNET_SYNSETS.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in synsets.read_text(encoding="utf-8", errors="replace").splitlines():
         fields = line.split()  # offset, lexicographer file, type, word count (hex), words...
         if line.startswith(" ") or len(fields) < 5 or int(fields[1]) != CATEGORIES[category]:
             continue

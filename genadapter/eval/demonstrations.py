@@ -10,20 +10,24 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from .. import corpora
 from .data import Example, Question
 from .fictional import NameMaker
 
 log = logging.getLogger(__name__)
-
-WORDNET = Path("/usr/share/wordnet")
 POS_FILES = {"noun": "noun", "verb": "verb", "adjective": "adj"}
 # Words with at least this many senses seen in WordNet's sense-tagged corpus: common words.
 MIN_TAGGED = 3
 TASKS = ("antonym", "part-of-speech", "irregular-verb", "name-kind")
 
 
+def _wordnet(name: str) -> Path:
+    """One of WordNet's files (Debian's `wordnet` package), under genadapter.corpora's root."""
+    return corpora.path(corpora.WORDNET / name)
+
+
 def wordnet_available() -> bool:
-    return all((WORDNET / f).is_file() for f in ("index.adj", "data.adj", "verb.exc"))
+    return all(_wordnet(f).is_file() for f in ("index.adj", "data.adj", "verb.exc"))
 
 
 def _plain(word: str) -> bool:
@@ -36,7 +40,7 @@ def _tagged_counts() -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for pos, suffix in POS_FILES.items():
         table = counts[pos] = {}
-        for line in (WORDNET / f"index.{suffix}").read_text(encoding="utf-8").splitlines():
+        for line in _wordnet(f"index.{suffix}").read_text(encoding="utf-8").splitlines():
             if line.startswith(" "):
                 continue  # license header
             f = line.split()
@@ -49,7 +53,7 @@ def _antonyms() -> list[tuple[str, str]]:
     """Common adjective pairs linked by WordNet's antonym pointer ('!')."""
     words_at: dict[str, list[str]] = {}
     links = []
-    for line in (WORDNET / "data.adj").read_text(encoding="utf-8").splitlines():
+    for line in _wordnet("data.adj").read_text(encoding="utf-8").splitlines():
         if line.startswith(" "):
             continue
         f = line.split(" | ")[0].split()
@@ -75,7 +79,7 @@ def _parts_of_speech() -> list[tuple[str, str]]:
     tagged = _tagged_counts()
     adverbs = {
         line.split()[0]
-        for line in (WORDNET / "index.adv").read_text(encoding="utf-8").splitlines()
+        for line in _wordnet("index.adv").read_text(encoding="utf-8").splitlines()
         if not line.startswith(" ")
     }
     pairs = []
@@ -92,7 +96,7 @@ def _irregular_verbs() -> list[tuple[str, str]]:
     """Irregular inflections -> base form, e.g. went -> go (WordNet's verb exception list)."""
     tagged = _tagged_counts()["verb"]
     pairs = []
-    for line in (WORDNET / "verb.exc").read_text(encoding="utf-8").splitlines():
+    for line in _wordnet("verb.exc").read_text(encoding="utf-8").splitlines():
         form, base = line.split()[:2]
         shared = len(_common_prefix(form, base))
         if _plain(form) and _plain(base) and shared < len(base) - 1:

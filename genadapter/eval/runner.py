@@ -7,17 +7,15 @@ template and greedy decoding, under each method:
 * adapter  the context absorbed into a session (one `absorb` per document), then the question;
 * sft      (document QA only) a LoRA fine-tuned on the context for a few steps, then the question.
 
-`run_suites` is the Python entry (also used by training for periodic evaluation);
-`add_eval_parser` registers `genadapter eval`."""
+`run_suites` is the Python entry (also used by training for periodic evaluation); `genadapter eval`
+(genadapter/cli.py) calls it."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -463,47 +461,3 @@ def evaluate_generator(
                     flat[f"{row['name']}/{metric}/{method}"] = values[metric]
             flat[f"{row['name']}/recovered"] = row["recovered"].get(row["metric"])
     return flat
-
-
-# -- command line --------------------------------------------------------------------------------
-
-
-def add_eval_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]):
-    """Register `genadapter eval`; model_args adds the CLI's shared model options."""
-    p = sub.add_parser(
-        "eval", help="compare base, prompting, absorbed context (and SFT) on evaluation suites"
-    )
-    model_args(p)
-    p.add_argument("--suite", choices=[*SUITES, "all"], action="append", help="repeatable")
-    p.add_argument("--limit", default="small", help="tiny, small, full, or a number of examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=["test", "dev"], default="test")
-    p.add_argument("--out", default="eval-results", metavar="DIR", help="JSON and charts go here")
-    p.set_defaults(run=cmd_eval)
-    return p
-
-
-def cmd_eval(args) -> int:
-    import genadapter
-
-    from ..cli import quantize_arg
-    from .report import format_table, write_charts, write_json
-
-    suites = SUITES if not args.suite or "all" in args.suite else tuple(dict.fromkeys(args.suite))
-    limits = resolve_limits(args.limit)  # a bad limit fails before the model loads
-    model = genadapter.load(
-        base=args.base,
-        generator=args.generator,
-        device=args.device,
-        chunk_tokens=args.chunk_tokens,
-        quantize=quantize_arg(args.quantize),
-    )
-    start = time.perf_counter()
-    results = run_suites(model, suites, limits, args.seed, args.split)
-    results["config"]["limit"] = args.limit
-    results["config"]["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    print(format_table(results))
-    paths = [write_json(results, out / "results.json"), *write_charts(results, out)]
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0

@@ -7,6 +7,8 @@ import ipaddress
 import logging
 import os
 
+from ..options import add_model_args
+
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GENADAPTER_API_KEY"
@@ -31,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     import uvicorn
 
-    from ..cli import _load_model
+    from ..options import load_model
     from .app import ServerConfig, create_app
 
     config = ServerConfig(
@@ -40,26 +42,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_document_tokens=args.max_document_tokens,
         max_batch=args.max_batch,
     )
-    app = create_app(_load_model(args), args.store, config)
+    app = create_app(load_model(args), args.store, config)
     logging.getLogger("genadapter").setLevel(logging.INFO)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
-def add_serve_parser(sub, model_args) -> None:
-    """Register `serve` on the CLI's subparsers; `model_args` adds the shared model options."""
-    serve = sub.add_parser("serve", help="HTTP server: sessions and OpenAI-compatible chat")
-    model_args(serve)
+def add_serve_parser(sub) -> None:
+    """Register `serve` on the command line's subparsers."""
+    serve = sub.add_parser(
+        "serve",
+        help="HTTP server: sessions and OpenAI-compatible chat",
+        description="Serve sessions and OpenAI-compatible chat over HTTP (a chat page at /).",
+    )
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--store", required=True, metavar="DIR", help="where sessions are kept")
     serve.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); "
-        "required when binding a non-loopback address",
+        help=f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else "
+        "none); required when binding a non-loopback address",
     )
-    serve.add_argument("--max-document-bytes", type=int, default=4 << 20)
-    serve.add_argument("--max-document-tokens", type=int, default=1 << 20)
-    serve.add_argument("--max-batch", type=int, default=32, help="chats decoded together")
+    serve.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=4 << 20,
+        metavar="N",
+        help="largest document accepted (default: 4194304, 4 MiB)",
+    )
+    serve.add_argument(
+        "--max-document-tokens",
+        type=int,
+        default=1 << 20,
+        metavar="N",
+        help="most tokens in one document (default: 1048576)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="chats decoded together (default: 32)",
+    )
     serve.set_defaults(run=cmd_serve)
