@@ -17,6 +17,7 @@ from genadapter import corpora
 from genadapter.corpora import split_of
 from genadapter.eval import SUITES, is_eval_document, run_suites
 from genadapter.eval import metrics as m
+from genadapter.eval.closedbook import closedbook_examples
 from genadapter.eval.completion import completion_documents
 from genadapter.eval.demonstrations import icl_examples
 from genadapter.eval.fictional import long_example, qa_examples
@@ -212,10 +213,20 @@ def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
         completion["methods"]["adapter"]["perplexity"]
         == completion["methods"]["base"]["perplexity"]
     )
-    for suite in ("qa", "longqa", "icl", "persona"):
+    for suite in ("qa", "longqa", "icl", "persona", "closedbook"):
         for row in tiny_results["suites"][suite]:
             for record in row["records"]:
                 assert record["adapter"]["answer"] == record["base"]["answer"]
+
+
+def test_closedbook_documents_are_unrelated_to_their_questions():
+    examples = closedbook_examples(30, seed=4)
+    assert examples == closedbook_examples(30, seed=4) != closedbook_examples(30, seed=5)
+    assert len({e.questions[0].text for e in examples}) == len(examples) == 30
+    for e in examples:
+        assert len(e.documents) == 1 and len(e.questions) == 1
+        # The absorbed document never holds the answer: only what the model knew can answer.
+        assert not any(a.lower() in e.context.lower() for a in e.questions[0].answers if len(a) > 2)
 
 
 def test_prompting_uses_the_context(tiny_results):

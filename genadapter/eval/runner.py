@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..model import AdaptedModel
 from ..session import Session
 from . import metrics
+from .closedbook import closedbook_examples
 from .completion import completion_documents
 from .data import Example
 from .demonstrations import icl_examples
@@ -32,7 +33,7 @@ from .sft import SFTBaseline
 
 log = logging.getLogger(__name__)
 
-SUITES = ("completion", "qa", "longqa", "icl", "persona")
+SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook")
 METHODS = ("base", "prompt", "adapter", "sft")
 QA_INSTRUCTION = "Answer in a few words."
 
@@ -54,12 +55,13 @@ class Limits:
     persona_users: int
     persona_questions: int  # per user
     max_new_tokens: int  # for short answers
+    closedbook_questions: int  # general questions, each with an unrelated document absorbed
 
 
 LIMITS = {
-    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16),
-    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24),
-    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32),
+    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16, 4),
+    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30),
+    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32, 30),
 }
 
 
@@ -80,6 +82,7 @@ def resolve_limits(limit: str | int | Limits) -> Limits:
             longqa_questions=limit,
             icl_queries=limit,
             persona_users=limit,
+            closedbook_questions=limit,
         )
     if limit not in LIMITS:
         raise ValueError(f"unknown limit {limit!r}; use one of {', '.join(LIMITS)} or a number")
@@ -384,12 +387,21 @@ def suite_persona(model: AdaptedModel, limits: Limits, seed: int, split: str, pr
     return [run_questions(model, examples, scorer, "persona", progress=progress)]
 
 
+def suite_closedbook(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    """General questions the base answers right, asked with an unrelated document absorbed (and,
+    for prompting, in the prompt): absorbing must not make the model forget what it knew."""
+    examples = closedbook_examples(limits.closedbook_questions, _seed(seed, split))
+    scorer = Scorer(QA_SCORER, QA_INSTRUCTION, limits.max_new_tokens)
+    return [run_questions(model, examples, scorer, "closedbook", progress=progress)]
+
+
 SUITE_FUNCTIONS = {
     "completion": suite_completion,
     "qa": suite_qa,
     "longqa": suite_longqa,
     "icl": suite_icl,
     "persona": suite_persona,
+    "closedbook": suite_closedbook,
 }
 
 

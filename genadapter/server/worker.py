@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..generation import SamplingParams
+from ..generation import SamplingParams, cache_kwargs
 from ..generation import _eos_ids as end_of_sequence_ids
 from ..model import AdaptedModel
 from ..state import AdapterState
@@ -267,7 +267,7 @@ class ModelWorker:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                past_key_values=cache,
+                **cache_kwargs(self.model.base, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -304,7 +304,7 @@ class ModelWorker:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                **cache_kwargs(self.model.base, cache),
                 use_cache=True,
             )
         return mask, out.logits[:, -1]
