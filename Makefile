@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # requirements are then already satisfied instead of pulling a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint format train training-data
+.PHONY: setup demo test lint format train train-head training-data
 
 setup: $(VENV)/.installed
 
@@ -45,3 +45,19 @@ train: training-data
 	$(PY) training/train.py --config training/configs/smollm2-135m-instruct.json
 	mkdir -p $(SHIPPED)
 	cp $(RUN)/generator/config.json $(RUN)/generator/generator.safetensors $(SHIPPED)/
+
+# The LM-head adapter of issue 13 (docs/TRAINING.md, session 5; not shipped): cache the prompted
+# teacher's and the base's hidden states for the distillation mix (training/DATA.md), then train
+# on them. Resumable: the caches are written in shards and picked up where they stopped.
+CACHE := training/cache
+HEAD_RUN := training/runs/head
+
+train-head: setup
+	dpkg -s wordnet >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wordnet)
+	$(PY) training/distill_cache.py --source evalstyle --count 120 --shard 40 --seed 7 \
+		--out $(CACHE)/evalstyle
+	$(PY) training/distill_cache.py --source mixed --count 400 --shard 50 --seed 0 \
+		--out $(CACHE)/mixed
+	$(PY) training/train_head.py --train $(CACHE)/mixed --held-out $(CACHE)/evalstyle \
+		--epochs 8 --batch 8 --lr 2e-3 --tail 4 --init copy --eval-every 50 \
+		--out $(HEAD_RUN).jsonl --save $(HEAD_RUN)

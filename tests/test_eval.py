@@ -186,8 +186,8 @@ def test_prompting_keeps_the_most_recent_context(model):
 
 
 @pytest.fixture(scope="module")
-def tiny_results(model):
-    return run_suites(model, SUITES, limit="tiny", seed=0, progress=False)
+def tiny_results(untrained_model):
+    return run_suites(untrained_model, SUITES, limit="tiny", seed=0, progress=False)
 
 
 def test_every_suite_runs_on_a_tiny_limit(tiny_results):
@@ -207,7 +207,7 @@ def test_every_suite_runs_on_a_tiny_limit(tiny_results):
 
 
 def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
-    # The default generator's B is zero: an absorbed session must be the base model, bit for bit.
+    # A fresh generator's B is zero: an absorbed session must be the base model, bit for bit.
     completion = tiny_results["suites"]["completion"][0]
     assert (
         completion["methods"]["adapter"]["perplexity"]

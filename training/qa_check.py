@@ -31,9 +31,12 @@ def main() -> None:
     p.add_argument("--documents", type=int, default=6)
     p.add_argument("--suite", choices=sorted(SUITES), default="qa")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--head-scale", type=float, default=1.0, help="multiply the head's alpha")
     p.add_argument("--out")
     args = p.parse_args()
     model = genadapter.load(generator=args.generator, device="cpu", dtype=torch.float32)
+    if model.generator.head is not None:
+        model.generator.head.alpha *= args.head_scale
     examples = SUITES[args.suite](args.documents, _seed(0, "dev"))
     right, total, records = 0, 0, []
     for ex in examples:
