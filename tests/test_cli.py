@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -187,6 +188,14 @@ def test_bad_arguments_are_one_line_errors_before_the_model_loads(tmp_path):
 # -- Ctrl+C in chat --------------------------------------------------------------------------------
 
 
+def _controlling_terminal() -> None:
+    """In the child: make the pty its controlling terminal, and give it the SIGINT disposition a
+    user's shell gives (a test run started in the background inherits SIGINT ignored, which
+    Python would keep, and Ctrl+C would then do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Terminal:
     """The chat command on a pseudo-terminal it controls, as a user runs it: Ctrl+C typed there
     reaches it as SIGINT from the terminal, Ctrl-D as end of input."""
@@ -199,7 +208,7 @@ class Terminal:
             stdout=slave,
             stderr=slave,
             start_new_session=True,  # a session of its own, whose controlling terminal is this
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=_controlling_terminal,
             env={**os.environ, "TERM": "dumb"},
         )
         os.close(slave)
