@@ -8,6 +8,8 @@ For an adapted linear layer with input size d_in and output size d_out:
     S += K[:-1]^T V[1:]       each token's key with the next token's value ("next" pairing);
                               "both": the first r2/2 value columns "same", the rest "next"
     y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S)
+
+A generator may also (or only) carry an LM-head adapter, GeneratorConfig.head: genadapter/head.py.
 """
 
 from __future__ import annotations
@@ -175,6 +177,13 @@ class Generator(nn.Module):
     @classmethod
     def for_base(cls, model: nn.Module, config: GeneratorConfig | None = None) -> Generator:
         config = config or GeneratorConfig()
+        if config.head is not None:
+            layer = HeadConfig(**config.head).key_layer
+            if layer is not None and layer > model.config.num_hidden_layers:
+                raise ValueError(
+                    f"head key layer:{layer} is past the base's "
+                    f"{model.config.num_hidden_layers} decoder layers"
+                )
         targets = find_targets(model, config.targets)
         shapes = {n: (m.in_features, m.out_features) for n, m in targets.items()}
         return cls(config, shapes, model.config.hidden_size)

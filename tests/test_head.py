@@ -102,3 +102,8 @@ def test_bad_head_config_is_refused():
         GeneratorConfig(targets=(), head={"key": "middle"})
     with pytest.raises(ValueError, match="needs target layers"):
         GeneratorConfig(targets=(), head=None)
+
+
+def test_a_key_layer_past_the_base_is_refused(head_model):
+    with pytest.raises(ValueError, match="past the base"):
+        Generator.for_base(head_model.base, GeneratorConfig(targets=(), head={"key": "layer:99"}))
