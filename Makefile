@@ -58,6 +58,6 @@ train-head: setup
 		--out $(CACHE)/evalstyle
 	$(PY) training/distill_cache.py --source mixed --count 400 --shard 50 --seed 0 \
 		--out $(CACHE)/mixed
-	$(PY) training/train_head.py --train $(CACHE)/mixed --held-out $(CACHE)/evalstyle \
+	$(PY) training/train_head.py --train $(CACHE)/mixed --limit 400 --held-out $(CACHE)/evalstyle \
 		--epochs 8 --batch 8 --lr 2e-3 --tail 4 --init copy --eval-every 50 \
 		--out $(HEAD_RUN).jsonl --save $(HEAD_RUN)
