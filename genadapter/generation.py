@@ -3,6 +3,7 @@ with stop strings."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,8 +40,17 @@ class SamplingParams:
 def cache_kwargs(base, cache: DynamicCache) -> dict:
     """The keyword that passes a KV cache to `base`'s forward: recent transformers call it `cache`
     and warn (FutureWarning) when given `past_key_values`, the only name older versions know."""
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_keyword(type(base)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # Once per model class: decode loops call cache_kwargs every step.
+    return (
+        "cache"
+        if "cache" in inspect.signature(model_class.forward).parameters
+        else ("past_key_values")
+    )
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:

@@ -177,16 +177,16 @@ class Generator(nn.Module):
     @classmethod
     def for_base(cls, model: nn.Module, config: GeneratorConfig | None = None) -> Generator:
         config = config or GeneratorConfig()
-        if config.head is not None:
-            layer = HeadConfig(**config.head).key_layer
-            if layer is not None and layer > model.config.num_hidden_layers:
-                raise ValueError(
-                    f"head key layer:{layer} is past the base's "
-                    f"{model.config.num_hidden_layers} decoder layers"
-                )
         targets = find_targets(model, config.targets)
         shapes = {n: (m.in_features, m.out_features) for n, m in targets.items()}
-        return cls(config, shapes, model.config.hidden_size)
+        generator = cls(config, shapes, model.config.hidden_size)
+        layer = generator.head.config.key_layer if generator.head is not None else None
+        if layer is not None and layer > model.config.num_hidden_layers:
+            raise ValueError(
+                f"head key layer:{layer} is past the base's "
+                f"{model.config.num_hidden_layers} decoder layers"
+            )
+        return generator
 
     def set_pairing(self, pairing: str) -> Generator:
         """Switch how keys pair with values, e.g. to go on training a "same" generator as "next"."""

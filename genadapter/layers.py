@@ -11,7 +11,7 @@ from torch import nn
 
 from . import kernels
 from .generator import Generator, LayerAdapter, find_targets
-from .head import HEAD_NAME, HeadAdapter
+from .head import HEAD_NAME
 
 
 @dataclass
@@ -46,12 +46,6 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.binding
-        if isinstance(self.adapter, HeadAdapter):
-            # The head's delta acts on its input: W (x + D x), a low-rank update W D of W.
-            if b.s_hat is None:
-                return self.base(x)
-            d = lowrank_delta(x, self.adapter, b.s_hat[self.name])
-            return self.base(x + d.to(x.dtype))
         if b.s_hat is not None and b.sums is None:
             fused = fused_decode(x, self.base, self.adapter, b.s_hat[self.name])
             if fused is not None:
@@ -63,6 +57,17 @@ class AdaptedLinear(nn.Module):
         if b.s_hat is not None:
             y = y + lowrank_delta(x, self.adapter, b.s_hat[self.name]).to(y.dtype)
         return y
+
+
+class AdaptedHead(AdaptedLinear):
+    """The LM head with a HeadAdapter: its delta acts on the head's input, W (x + D x), a
+    low-rank update W D of W. Its state is captured by the context pass (model.py), not here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_hat = self.binding.s_hat
+        if s_hat is None:
+            return self.base(x)
+        return self.base(x + lowrank_delta(x, self.adapter, s_hat[self.name]).to(x.dtype))
 
 
 def lowrank_delta(x: torch.Tensor, adapter: LayerAdapter, s_hat: torch.Tensor) -> torch.Tensor:
@@ -106,7 +111,7 @@ def inject(model: nn.Module, generator: Generator) -> Binding:
         setattr(parent, child, AdaptedLinear(name, module, generator.adapter(name), binding))
     if generator.head is not None:
         head = model.get_output_embeddings()
-        model.set_output_embeddings(AdaptedLinear(HEAD_NAME, head, generator.head, binding))
+        model.set_output_embeddings(AdaptedHead(HEAD_NAME, head, generator.head, binding))
     return binding
 
 

@@ -45,8 +45,10 @@ def main() -> None:
             session.absorb(doc)
         for q in ex.questions:
             message = chat_message(q.text, None, QA_INSTRUCTION)
-            state_session = genadapter.Session(model, session.state.clone())
-            answer = state_session.chat(message, max_new_tokens=args.max_new_tokens)
+            # A fresh conversation per question over the same absorbed state.
+            answer = genadapter.Session(model, session.state).chat(
+                message, max_new_tokens=args.max_new_tokens
+            )
             ok = metrics.best_of(metrics.contains_match, answer, q.answers)
             right, total = right + ok, total + 1
             records.append({"q": q.text, "gold": q.answers, "answer": answer, "ok": ok})

@@ -47,24 +47,27 @@ def load_rows(folder: str, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def doc_state(head: HeadAdapter, row: dict, E: torch.Tensor, key_layers: tuple) -> torch.Tensor:
+def doc_state(head: HeadAdapter, row: dict, E_in: torch.Tensor, key_layers: tuple) -> torch.Tensor:
     """The head state of one cached document, as the runtime's absorb computes it (r1, r2)."""
     layer = head.config.key_layer
     h = row["doc_final"] if layer is None else row["doc_layers"][key_layers.index(layer)]
     ids = row["doc_ids"].long()
-    S = head.kv_sums(h[None, :-1].float(), E[ids[1:]][None], None)[0]
+    S = head.kv_sums(h[None, :-1].float(), E_in[ids[1:]][None], None)[0]
     return head.normalize(S, len(ids))
 
 
-def losses(head, E, row, doc_row, key_layers, answer_weight: float = 1.0, tail: int = 0):
+def losses(head, E, E_in, row, doc_row, key_layers, answer_weight: float = 1.0, tail: int = 0):
     """(weighted KL to the teacher, answer NLL of the teacher's tokens, argmax agreement);
-    tail > 0: only the answer and the `tail` positions before it."""
+    tail > 0: only the answer and the `tail` positions before it. head None: the base itself.
+    E: the LM head's weight; E_in: the input embeddings the state's values come from."""
     xs, xt, tgt = row["x_student"].float(), row["x_teacher"].float(), row["targets"].long()
     if tail:
         keep = row["answer_len"] + tail
         xs, xt, tgt = xs[-keep:], xt[-keep:], tgt[-keep:]
-    S = doc_state(head, doc_row, E, key_layers)
-    logits = (xs + head.delta(xs[None], S[None])[0]) @ E.T
+    if head is not None:
+        S = doc_state(head, doc_row, E_in, key_layers)
+        xs = xs + head.delta(xs[None], S[None])[0]
+    logits = xs @ E.T
     with torch.no_grad():
         t_logp = F.log_softmax(xt @ E.T, -1)
     logp = F.log_softmax(logits, -1)
@@ -78,7 +81,7 @@ def losses(head, E, row, doc_row, key_layers, answer_weight: float = 1.0, tail: 
 
 
 @torch.no_grad()
-def copy_init_(head: HeadAdapter, rows: list[dict], E: torch.Tensor, scale: float) -> None:
+def copy_init_(head: HeadAdapter, rows: list[dict], E_in: torch.Tensor, scale: float) -> None:
     """Start as a copy head: query-key match = similarity of the centred final states (their top
     r1 principal directions, whitened), value read-out = identity on the top r2 directions of
     the embeddings, so the untrained head already boosts the tokens that followed positions like
@@ -94,7 +97,7 @@ def copy_init_(head: HeadAdapter, rows: list[dict], E: torch.Tensor, scale: floa
     r1, r2 = head.config.r1, head.config.r2
     P = Vh[:r1] / (sig[:r1, None] / len(h) ** 0.5)  # whitened principal directions
     P = P - (P @ u)[:, None] * u[None]  # drop the shared direction
-    _, _, Qh = torch.linalg.svd(E - E.mean(0), full_matrices=False)
+    _, _, Qh = torch.linalg.svd(E_in - E_in.mean(0), full_matrices=False)
     Q = Qh[:r2]
     with torch.no_grad():
         head.Wk.copy_(P / r1**0.5)
@@ -104,13 +107,13 @@ def copy_init_(head: HeadAdapter, rows: list[dict], E: torch.Tensor, scale: floa
 
 
 @torch.no_grad()
-def evaluate(head, E, rows, key_layers, tail: int = 0) -> dict:
+def evaluate(head, E, E_in, rows, key_layers, tail: int = 0) -> dict:
     """Held-out means; "_other": the same question with the next example's document absorbed."""
     keys = ("kl", "nll", "agree", "kl_other", "nll_other", "agree_other")
     tot = dict.fromkeys(keys, 0.0)
     for i, row in enumerate(rows):
-        right = losses(head, E, row, row, key_layers, tail=tail)
-        wrong = losses(head, E, row, rows[(i + 1) % len(rows)], key_layers, tail=tail)
+        right = losses(head, E, E_in, row, row, key_layers, tail=tail)
+        wrong = losses(head, E, E_in, row, rows[(i + 1) % len(rows)], key_layers, tail=tail)
         for k, v in zip(keys, (*right, *wrong)):
             tot[k] += float(v)
     out = {k: round(v / len(rows), 4) for k, v in tot.items()}
@@ -121,17 +124,11 @@ def evaluate(head, E, rows, key_layers, tail: int = 0) -> dict:
 @torch.no_grad()
 def reference(E, rows, tail: int = 0) -> dict:
     """The same measures for the base (no delta)."""
-    kl = nll = agree = 0.0
+    tot = [0.0, 0.0, 0.0]
     for row in rows:
-        xs, xt, tgt = row["x_student"].float(), row["x_teacher"].float(), row["targets"].long()
-        n = row["answer_len"]
-        if tail:
-            xs, xt, tgt = xs[-n - tail :], xt[-n - tail :], tgt[-n - tail :]
-        t_logp, logp = F.log_softmax(xt @ E.T, -1), F.log_softmax(xs @ E.T, -1)
-        kl += float((t_logp.exp() * (t_logp - logp)).sum(-1).mean())
-        nll += float(-logp[-n:].gather(-1, tgt[-n:, None]).mean())
-        agree += float(((xs[-n:] @ E.T).argmax(-1) == tgt[-n:]).float().mean())
-    return {k: round(v / len(rows), 4) for k, v in zip(("kl", "nll", "agree"), (kl, nll, agree))}
+        for i, v in enumerate(losses(None, E, None, row, row, (), tail=tail)):
+            tot[i] += float(v)
+    return {k: round(v / len(rows), 4) for k, v in zip(("kl", "nll", "agree"), tot)}
 
 
 def main() -> None:
@@ -159,6 +156,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     base = load_base(None, device="cpu", dtype=torch.float32)
     E = base.model.get_output_embeddings().weight.detach()
+    E_in = base.model.get_input_embeddings().weight.detach()  # the same matrix when tied
     train, held = load_rows(args.train, args.limit), load_rows(args.held_out)
     print(f"{len(train)} training rows, {len(held)} held out; base {reference(E, held, args.tail)}")
     head_cfg = HeadConfig(args.r1, args.r2, args.alpha, args.key, args.norm).to_dict()
@@ -166,7 +164,7 @@ def main() -> None:
     generator = Generator.for_base(base.model, config)
     head = generator.head.train()
     if args.init == "copy":
-        copy_init_(head, train[:500], E, args.init_scale)
+        copy_init_(head, train[:500], E_in, args.init_scale)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     steps = int(args.epochs * len(train) / args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(steps, 1))
@@ -177,7 +175,7 @@ def main() -> None:
     for step in range(steps + 1):
         if step % args.eval_every == 0 or step == steps:
             row = {"step": step, "seconds": round(time.perf_counter() - start)}
-            row.update(evaluate(head, E, held, KEY_LAYERS, args.tail))
+            row.update(evaluate(head, E, E_in, held, KEY_LAYERS, args.tail))
             print(json.dumps(row), flush=True)
             log.write(json.dumps({**row, "args": vars(args)}) + "\n")
             log.flush()
@@ -201,7 +199,7 @@ def main() -> None:
         total = 0.0
         for _ in range(args.batch):
             r = train[rng.randrange(len(train))]
-            kl, _, _ = losses(head, E, r, r, KEY_LAYERS, args.answer_weight, args.tail)
+            kl, _, _ = losses(head, E, E_in, r, r, KEY_LAYERS, args.answer_weight, args.tail)
             total = total + kl / args.batch
         total.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
