@@ -21,8 +21,10 @@ _EXPORTS = {
     "GeneratorConfig": "generator",
     "GeneratorFormatError": "generator",
     "IncompatibleStateError": "state",
+    "LoraAdapter": "export",
     "Session": "session",
     "load": "model",
+    "merge": "merging",
     "normalize_svd": "state",
 }
 
@@ -36,13 +38,17 @@ __all__ = [
     "GeneratorConfig",
     "GeneratorFormatError",
     "IncompatibleStateError",
+    "LoraAdapter",
     "Session",
     "load",
+    "merge",
     "normalize_svd",
 ]
 
 if TYPE_CHECKING:  # what the lazy imports below resolve to, for type checkers and readers
+    from .export import LoraAdapter
     from .generator import Generator, GeneratorConfig, GeneratorFormatError
+    from .merging import merge
     from .model import AbsorbStats, AdaptedModel, load
     from .session import Session
     from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd

@@ -1,4 +1,4 @@
-"""The `genadapter` command: chat, absorb, serve, eval and bench.
+"""The `genadapter` command: chat, absorb, serve, eval, bench, export and merge.
 
 Each command checks its arguments (files, generator folder, device) before the slow model load
 and imports torch only then, so `genadapter --help` is quick. Exit status: 0 done, 1 an error while
@@ -100,6 +100,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .session import _state_path
+
+    if not args.peft and not args.merged:
+        raise UsageError("give --peft OUT, --merged OUT, or both")
+    existing_file(str(_state_path(args.session)), "SESSION")
+    model = load_model(args)
+    session = model.load_session(args.session)
+    for out, merged in ((args.peft, False), (args.merged, True)):
+        if out:
+            path = session.to_peft(out, merged=merged)
+            what = "model folder with the delta merged" if merged else "PEFT LoRA adapter"
+            print(f"wrote a {what} for {session.tokens} absorbed tokens to {path}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import CONFIG_FILE
+    from .merging import merge
+    from .session import _state_path
+    from .state import AdapterState, IncompatibleStateError
+
+    loras = [(Path(p) / CONFIG_FILE).is_file() for p in args.inputs]
+    if any(loras) and not all(loras):
+        raise UsageError("merge session folders with session folders, PEFT folders with PEFT ones")
+    if args.weights is not None and len(args.weights) != len(args.inputs):
+        raise UsageError(f"--weights: give {len(args.inputs)} numbers, one per input")
+    options = dict(method=args.method, weights=args.weights, density=args.density, seed=args.seed)
+    if all(loras):
+        merge(args.inputs, **options).save(args.out)
+        print(f"wrote the {args.method} merge of {len(args.inputs)} LoRAs to {args.out}")
+        return 0
+    for p in args.inputs:
+        existing_file(str(_state_path(p)))
+    loaded = [AdapterState.load(_state_path(p)) for p in args.inputs]
+    keys = ("base_fingerprint", "generator_fingerprint")
+    if len({tuple(meta.get(k) for k in keys) for _, meta in loaded}) > 1:
+        raise IncompatibleStateError("the sessions were made with different bases or generators")
+    merged = merge([state for state, _ in loaded], **options)
+    meta = {k: v for k, v in loaded[0][1].items() if k not in ("messages", "created")}
+    path = _state_path(args.out)
+    merged.save(path, dict(meta, messages=[], merge=args.method))
+    print(f"wrote the {args.method} merge of {len(args.inputs)} sessions to {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -197,6 +245,51 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=cmd_eval)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a saved session as a PEFT LoRA adapter or a merged model folder",
+        description="Write SESSION's delta as a PEFT LoRA folder (transformers + PEFT, vLLM) "
+        "and/or a full transformers model folder with the delta merged into the base's weights. "
+        "Give the --base and --generator the session was made with.",
+    )
+    add_model_args(p)
+    p.add_argument("session", metavar="SESSION", help="a saved session (DIR or .safetensors)")
+    p.add_argument("--peft", metavar="OUT", help="write the PEFT adapter folder OUT")
+    p.add_argument("--merged", metavar="OUT", help="write the merged model folder OUT")
+    p.set_defaults(run=cmd_export)
+
+
+# merging.METHODS, spelled out: building the parser must not import torch (tests check both).
+MERGE_METHODS = (
+    "sum", "mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+)  # fmt: skip
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge saved sessions, or PEFT LoRA folders, into one",
+        description="Merge saved sessions (their states) into a session, or PEFT LoRA folders "
+        "(e.g. from `genadapter export --peft`) into a LoRA folder. `sum` of sessions is exactly "
+        "one session that absorbed all their documents.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="session or PEFT LoRA folders")
+    p.add_argument("--method", choices=MERGE_METHODS, default="sum", help="(default: sum)")
+    p.add_argument(
+        "--weights", type=float, nargs="+", metavar="W", help="one per input (default: 1 each)"
+    )
+    p.add_argument(
+        "--density",
+        type=float,
+        default=0.5,
+        help="share of entries TIES / DARE / magnitude pruning keep (default: 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="DARE's random drops (default: 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged session or LoRA folder")
+    p.set_defaults(run=cmd_merge)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -233,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_export(sub)
+    _add_merge(sub)
     return parser
 
 

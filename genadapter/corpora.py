@@ -103,22 +103,45 @@ def _b64(s: str) -> int:
 
 
 def _dictionary(name: str) -> Iterator[tuple[str, str]]:
+    for doc_id, entries in _dictionary_groups(name):
+        yield doc_id, "\n\n".join(entry for _, entry in entries)
+
+
+def dictionary_entries(name: str, split: str | None = None) -> Iterator[tuple[str, list[str], str]]:
+    """(doc_id, headwords, entry) of every entry of the dictionary `name` ("foldoc" or "gcide"),
+    in file order. doc_id is the document (group of entries) the entry belongs to in
+    `documents(name)`, so an entry is in its document's split; only one split when given.
+    headwords: the index's names for the entry (several for one entry, e.g. a spelling variant)."""
+    if name not in ("foldoc", "gcide"):
+        raise ValueError(f"{name!r} is not a dictionary; use 'foldoc' or 'gcide'")
+    if name not in available():
+        raise FileNotFoundError(
+            f"corpus {name!r} is not installed: apt-get install {APT_PACKAGES[name]}"
+        )
+    for doc_id, entries in _dictionary_groups(name):
+        if split is None or split_of(doc_id) == split:
+            for headwords, entry in entries:
+                yield doc_id, headwords, entry
+
+
+def _dictionary_groups(name: str) -> Iterator[tuple[str, list[tuple[list[str], str]]]]:
+    """Consecutive entries grouped into documents of about DICT_DOC_CHARS characters."""
     body = gzip.decompress(path(DICTD / f"{name}.dict.dz").read_bytes())
-    spans = set()
+    spans: dict[tuple[int, int], list[str]] = {}
     for line in path(DICTD / f"{name}.index").read_text(encoding="utf-8").splitlines():
         parts = line.split("\t")
         if len(parts) >= 3 and not parts[0].startswith("00-database"):
-            spans.add((_b64(parts[1]), _b64(parts[2])))
+            spans.setdefault((_b64(parts[1]), _b64(parts[2])), []).append(parts[0])
     group, size, number = [], 0, 0
-    for offset, length in sorted(spans):
+    for (offset, length), headwords in sorted(spans.items()):
         entry = body[offset : offset + length].decode("utf-8", errors="replace").strip()
-        group.append(entry)
+        group.append((headwords, entry))
         size += len(entry)
         if size >= DICT_DOC_CHARS:
-            yield f"{name}:{number:05d}", "\n\n".join(group)
+            yield f"{name}:{number:05d}", group
             group, size, number = [], 0, number + 1
     if group:
-        yield f"{name}:{number:05d}", "\n\n".join(group)
+        yield f"{name}:{number:05d}", group
 
 
 class _TextOfHTML(HTMLParser):

@@ -131,6 +131,21 @@ class Session:
                 return ids
             messages = messages[2:]
 
+    # -- export -------------------------------------------------------------------------------
+
+    def to_peft(self, folder: str | os.PathLike, merged: bool = False) -> Path:
+        """Write this session's delta as a PEFT LoRA folder (adapter_config.json and
+        adapter_model.safetensors, for `peft.PeftModel.from_pretrained` on the plain transformers
+        base, or vLLM's LoRA serving); with `merged=True`, a full transformers model folder with
+        the delta added to the base's float weights. Returns the folder.
+
+        Raises export.ExportError for a generator with an LM-head adapter; warns when the base
+        runs quantized (the LoRA then applies to its float weights). See genadapter/export.py."""
+        from .export import session_lora, write_merged
+
+        lora = session_lora(self.model, self.state)
+        return write_merged(self.model, lora, folder) if merged else lora.save(folder)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:

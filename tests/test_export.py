@@ -1,0 +1,214 @@
+"""PEFT export and merging (issue 15): an exported session is the same model under transformers +
+PEFT and as a merged folder; `sum` of states is absorbing into one session; every merge method on
+small examples whose results were worked out by hand (in the comments)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import genadapter
+from genadapter import cli
+from genadapter.export import LoraAdapter, session_lora
+from genadapter.merging import METHODS
+from genadapter.state import AdapterState
+
+from .conftest import DOCUMENT
+
+OTHER = """The Harrowgate observatory stood on a granite knoll above the village of Tessel. Its
+refractor, ground by Ilse Marwood in 1902, had a lens of 61 centimetres and was used until 1974
+to time the transits of Jupiter's moons for the navy's almanac."""
+
+TOL = 1e-4  # float32, the issue's bound on logits
+# The merged folder computes (W + B A) x where the session computes W x + B (A x): rounding the
+# merged weights to float32 moves logits of up to ~20 by ~1e-4 at the worst of 3.5M (measured
+# 1.3e-4 to 3.5e-4 with random generators), ~1e-5 on average.
+MERGED_TOL, MERGED_MEAN_TOL = 5e-4, 3e-5
+
+
+@pytest.fixture(scope="module")
+def exported(random_model, tmp_path_factory):
+    """A random-generator session over DOCUMENT, exported both ways."""
+    session = random_model.session()
+    session.absorb(DOCUMENT)
+    out = tmp_path_factory.mktemp("export")
+    session.to_peft(out / "peft")
+    session.to_peft(out / "merged", merged=True)
+    return session, out
+
+
+def _random_prompts(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(15)
+    return torch.randint(0, vocab, (3, 24), generator=g)
+
+
+def test_peft_adapter_on_the_transformers_base_gives_the_sessions_logits(
+    exported, random_model, default_dir
+):
+    session, out = exported
+    config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "o_proj"]
+    assert config["base_model_name_or_path"] == str(default_dir)
+    ids = _random_prompts(len(random_model.tokenizer))
+    want = random_model.logits(ids, [session.state] * 3)
+    base = random_model.logits(ids, None)
+    assert (want - base).abs().max() > 0.1  # the delta matters, so the comparison can fail
+    plain = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(plain, out / "peft").eval()
+    with torch.no_grad():
+        got = peft(input_ids=ids).logits.float()
+    assert (got - want).abs().max() <= TOL
+
+
+def test_merged_folder_gives_the_sessions_logits(exported, random_model):
+    session, out = exported
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    ids = _random_prompts(len(random_model.tokenizer))
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits.float()
+    diff = (got - random_model.logits(ids, [session.state] * 3)).abs()
+    assert diff.max() <= MERGED_TOL and diff.mean() <= MERGED_MEAN_TOL
+
+
+def test_lora_folder_round_trip_and_empty_session(exported, random_model):
+    session, out = exported
+    lora = LoraAdapter.load(out / "peft")
+    direct = session_lora(random_model, session.state)
+    name = "model.layers.3.mlp.down_proj"
+    assert torch.allclose(lora.delta(name), direct.delta(name), atol=1e-6)
+    assert lora.info["tokens"] == session.tokens
+    empty = session_lora(random_model, random_model.new_state())
+    assert all(torch.count_nonzero(empty.delta(n)) == 0 for n in empty.weights)
+
+
+def test_sum_of_states_is_absorbing_into_one_session(random_model):
+    a, b, both = random_model.session(), random_model.session(), random_model.session()
+    a.absorb(DOCUMENT)
+    b.absorb(OTHER)
+    both.absorb(DOCUMENT)
+    both.absorb(OTHER)
+    tokens = a.tokens
+    merged = genadapter.merge([a, b], method="sum")
+    assert merged.sums.keys() == both.state.sums.keys()
+    assert all(torch.equal(merged.sums[n], both.state.sums[n]) for n in merged.sums)
+    assert (merged.tokens, merged.documents) == (both.tokens, 2)
+    assert a.tokens == tokens and merged.sums is not a.state.sums  # the inputs stay as they were
+
+
+# -- hand-checked examples ------------------------------------------------------------------------
+
+S1 = [[3.0, -1.0], [2.0, 0.5]]
+S2 = [[1.0, 2.0], [-4.0, 0.25]]
+
+
+def _states():
+    return [AdapterState({"l": torch.tensor(s)}, tokens=5) for s in (S1, S2)]
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, expected",
+    [
+        ("sum", {}, [[4.0, 1.0], [-2.0, 0.75]]),
+        ("mean", {}, [[2.0, 0.5], [-1.0, 0.375]]),
+        ("mean", {"weights": [3, 1]}, [[2.5, -0.25], [0.5, 0.4375]]),  # (3 S1 + S2) / 4
+        ("task_arithmetic", {"weights": [2, 0.5]}, [[6.5, -1.0], [2.0, 1.125]]),
+        # Trim to the 2 largest |.| of 4: S1 -> [[3,0],[2,0]], S2 -> [[0,2],[-4,0]]. Signs by the
+        # total [[3,2],[-2,0]]: + + / - +. Agreeing entries averaged: 3, 2, -4 (S1's 2 disagrees),
+        # and 0 where nothing is left.
+        ("ties", {"density": 0.5}, [[3.0, 2.0], [-4.0, 0.0]]),
+        # The same trim, then summed.
+        ("magnitude_prune", {"density": 0.5}, [[3.0, 2.0], [-2.0, 0.0]]),
+        # density 1 drops nothing: DARE is task arithmetic, DARE-TIES is TIES without the trim:
+        # signs of S1 + S2 = [[4,1],[-2,.75]]; (3+1)/2, 2 (S2 alone), -4 (S2), (.5+.25)/2.
+        ("dare_linear", {"density": 1.0}, [[4.0, 1.0], [-2.0, 0.75]]),
+        ("dare_ties", {"density": 1.0}, [[2.0, 2.0], [-4.0, 0.375]]),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:The density")
+def test_state_merge_methods_on_a_hand_checked_example(method, kwargs, expected):
+    merged = genadapter.merge(_states(), method=method, **kwargs)
+    assert torch.allclose(merged.sums["l"], torch.tensor(expected), atol=1e-6)
+    assert merged.tokens == 10
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_drops_at_random_and_rescales(method):
+    """Every entry of a DARE-dropped S_i is 0 or S_i / density, so with density 0.5 each merged
+    entry of two positive tensors is one of 0, 2a, 2b and 2a + 2b (DARE-TIES: their mean)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(64, 64, generator=g) + 1, torch.rand(64, 64, generator=g) + 1
+    states = [AdapterState({"l": t}) for t in (a, b)]
+    out = genadapter.merge(states, method=method, density=0.5, seed=3).sums["l"]
+    both = 2 * a + 2 * b if method == "dare_linear" else a + b
+    options = torch.stack([torch.zeros_like(a), 2 * a, 2 * b, both])
+    assert ((out.unsqueeze(0) - options).abs().min(0).values < 1e-5).all()
+    assert 0.2 < (out == 0).float().mean() < 0.3  # both dropped: 1/4 of the entries
+    again = genadapter.merge(states, method=method, density=0.5, seed=3).sums["l"]
+    assert torch.equal(out, again)
+
+
+def test_lora_merges_on_a_hand_checked_example():
+    # delta1 = [[3],[2]] [[1, 0]] = [[3, 0], [2, 0]]; delta2 = [[-1],[2]] [[1, 1]] = [[-1,-1],[2,2]]
+    l1 = LoraAdapter({"m": (torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0], [2.0]]))})
+    l2 = LoraAdapter({"m": (torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0], [2.0]]))})
+    total = genadapter.merge([l1, l2], method="sum")
+    assert total.rank == 2
+    assert torch.allclose(total.delta("m"), torch.tensor([[2.0, -1.0], [4.0, 2.0]]), atol=1e-6)
+    # TIES, density 0.5: delta1 keeps 3, 2; delta2 keeps its two 2s. Total signs all +: 3,
+    # nothing at (0, 1), (2 + 2) / 2, 2.
+    ties = genadapter.merge([l1, l2], method="ties", density=0.5)
+    assert torch.allclose(ties.delta("m"), torch.tensor([[3.0, 0.0], [2.0, 2.0]]), atol=1e-5)
+    weighted = genadapter.merge([l1, l2], method="task_arithmetic", weights=[1, -1])
+    assert torch.allclose(weighted.delta("m"), torch.tensor([[4.0, 1.0], [0.0, -2.0]]), atol=1e-6)
+
+
+def test_merge_refuses_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        genadapter.merge(_states(), method="average")
+    with pytest.raises(ValueError, match="no weights"):
+        genadapter.merge(_states(), method="sum", weights=[1, 1])
+    with pytest.raises(ValueError, match="weights"):
+        genadapter.merge(_states(), method="mean", weights=[1])
+    with pytest.raises(ValueError, match="density"):
+        genadapter.merge(_states(), method="ties", density=0)
+    lora = LoraAdapter({"l": (torch.ones(1, 2), torch.ones(2, 1))})
+    with pytest.raises(ValueError, match="mix"):
+        genadapter.merge([*_states(), lora])
+    assert cli.MERGE_METHODS == METHODS
+
+
+def test_cli_merge_of_sessions_and_of_peft_folders(random_model, exported, tmp_path):
+    a, b = random_model.session(), random_model.session()
+    a.absorb(DOCUMENT)
+    b.absorb(OTHER)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
+    assert cli.main(argv) == 0
+    merged = random_model.load_session(tmp_path / "ab")
+    expected = genadapter.merge([a, b])
+    assert all(torch.equal(merged.state.sums[n], expected.sums[n]) for n in expected.sums)
+    _, out = exported
+    peft = str(out / "peft")
+    argv = ["merge", peft, peft, "--method", "mean", "--weights", "1", "3", "--out"]
+    assert cli.main([*argv, str(tmp_path / "mean")]) == 0
+    lora, one = LoraAdapter.load(tmp_path / "mean"), LoraAdapter.load(peft)
+    assert lora.info["merge"] == "mean" and lora.rank == 2 * one.rank
+    name = "model.layers.0.self_attn.o_proj"
+    assert torch.allclose(lora.delta(name), one.delta(name), atol=1e-6)  # 1/4 + 3/4 of itself
+    assert cli.main(["merge", peft, str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path):
+    session, out = exported
+    random_model.generator.save_pretrained(tmp_path / "gen", random_model.base_fingerprint)
+    session.save(tmp_path / "s")
+    argv = ["export", str(tmp_path / "s"), "--generator", str(tmp_path / "gen")]
+    assert cli.main([*argv, "--chunk-tokens", "64", "--peft", str(tmp_path / "p")]) == 0
+    got, want = LoraAdapter.load(tmp_path / "p"), LoraAdapter.load(out / "peft")
+    assert all(torch.equal(got.weights[n][0], want.weights[n][0]) for n in want.weights)
+    assert cli.main(argv) == 2  # neither --peft nor --merged
