@@ -133,22 +133,8 @@ def load_base(
     """
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    gguf_file = None
-    if base is None:
-        folder, name = _converted_default_dir(default_gguf_path()), DEFAULT_NAME
-    else:
-        path = Path(base).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"No base model at {path} (a local folder or .gguf file)")
-        if path.is_file() and path.suffix == ".gguf":
-            folder, gguf_file = path.parent, path.name
-        elif path.is_dir() and (path / "config.json").is_file():
-            folder = path
-        else:
-            raise ValueError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
-        name = path.name
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    folder, kwargs, name = _source(base)
+    tokenizer = _tokenizer(folder, kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=dtype,
@@ -161,6 +147,32 @@ def load_base(
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     model.to(device).eval().requires_grad_(False)
+    return Base(model, tokenizer, name, weights_fingerprint(model))
+
+
+def load_tokenizer(base: str | os.PathLike | None = None):
+    """The tokenizer `load_base(base)` gives, without loading the weights (e.g. to chunk text on a
+    machine that only schedules the encoding). Raises as load_base does for a missing base."""
+    folder, kwargs, _ = _source(base)
+    return _tokenizer(folder, kwargs)
+
+
+def _source(base: str | os.PathLike | None) -> tuple[Path, dict, str]:
+    """The folder transformers loads `base` from, its extra keyword (gguf_file), and its name."""
+    if base is None:
+        return _converted_default_dir(default_gguf_path()), {}, DEFAULT_NAME
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No base model at {path} (a local folder or .gguf file)")
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, {}, path.name
+    raise ValueError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+
+
+def _tokenizer(folder: Path, kwargs: dict):
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Base(model, tokenizer, name, weights_fingerprint(model))
+    return tokenizer

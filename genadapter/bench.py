@@ -4,13 +4,14 @@ measurements taken side by side in one process (same model, same inputs, alterna
 
 1. absorb: tokens/s of Session.absorb over tokens/s of a plain no-grad forward of the frozen base's
    body (what absorb runs; it skips the LM head) over the same chunks. 1.0 is the limit.
-2. decode: per-token latency of a session with a state, an empty session (both through the
-   library's decoding loop) and the unwrapped path (the base called directly, nothing bound).
+2. decode: per-token latency of a session with a state, the same with the generator's reference
+   delta (three matmuls per layer and token, the path before the folded one), an empty session
+   (all through the library's decoding loop) and the unwrapped path (the base called directly).
 3. against prompting, for contexts of 512, 2K and 8K tokens: time to the first token of a question
    and decode tokens/s with the context absorbed, in the prompt recomputed per question, and in the
    prompt with its prefix KV cache reused; memory of the state against the KV cache.
 4. batches of N sessions with distinct states decoded together (generate_batch) against the same
-   batch with no states.
+   batch with no states, and with the reference delta.
 
 Runs unchanged on CUDA (timings synchronize the device)."""
 
@@ -21,6 +22,7 @@ import os
 import platform
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,9 +230,11 @@ def bench_decode(model: AdaptedModel, size: BenchSize, state: AdapterState) -> d
     # A raw prose prompt: a continuation rarely ends early, so every run decodes n tokens.
     ids = _bench_text(model, 48, seed=1)
     n = size.decode_tokens
-    runs = {"state": [], "empty": [], "unwrapped": []}
+    runs = {"state": [], "state_reference": [], "empty": [], "unwrapped": []}
     for _ in range(size.repeats):
         runs["state"].append(_library_decode(model, ids, state, n))
+        with _reference_delta(model):
+            runs["state_reference"].append(_library_decode(model, ids, state, n))
         runs["empty"].append(_library_decode(model, ids, model.new_state(), n))
         runs["unwrapped"].append(_unwrapped_decode(model, ids, n))
     best = {k: _best(v) for k, v in runs.items()}
@@ -238,9 +242,21 @@ def bench_decode(model: AdaptedModel, size: BenchSize, state: AdapterState) -> d
         "prompt_tokens": len(ids),
         "new_tokens": n,
         "ms_per_token": {k: 1000 * v for k, v in best.items()},
+        "state_over_empty": best["state"] / best["empty"],
+        "reference_over_empty": best["state_reference"] / best["empty"],
         "state_over_unwrapped": best["state"] / best["unwrapped"],
         "empty_over_unwrapped": best["empty"] / best["unwrapped"],
     }
+
+
+@contextmanager
+def _reference_delta(model: AdaptedModel):
+    """Decode with the generator's reference delta instead of the folded / batched one."""
+    model.fast_delta = False
+    try:
+        yield
+    finally:
+        model.fast_delta = True
 
 
 # -- 3. against prompting ------------------------------------------------------------------------
@@ -326,19 +342,26 @@ def bench_batch(model: AdaptedModel, size: BenchSize) -> list[dict]:
     prompts = [ids[i * 48 + 32 : i * 48 + 48] for i in range(most)]
     rows = []
     for n in size.batch_sizes:
-        with_states, without = [], []
+        with_states, reference, without = [], [], []
         for _ in range(size.repeats):
             with_states.append(
                 _batch_step_seconds(model, prompts[:n], states[:n], size.batch_tokens)
             )
+            with _reference_delta(model):
+                reference.append(
+                    _batch_step_seconds(model, prompts[:n], states[:n], size.batch_tokens)
+                )
             without.append(_batch_step_seconds(model, prompts[:n], [None] * n, size.batch_tokens))
         step_s, step0_s = _best([r[0] for r in with_states]), _best([r[0] for r in without])
+        step_ref_s = _best([r[0] for r in reference])
         rows.append(
             {
                 "sessions": n,
                 "tokens_per_s_states": n / step_s,
+                "tokens_per_s_reference": n / step_ref_s,
                 "tokens_per_s_no_states": n / step0_s,
                 "step_ratio": step_s / step0_s,
+                "reference_step_ratio": step_ref_s / step0_s,
             }
         )
     return rows
@@ -415,10 +438,11 @@ def format_report(r: dict) -> str:
         f" tok/s  ratio {a['ratio']:.2f}  ({a['tokens']} tokens, chunks of {a['chunk_tokens']})",
         "",
         f"2. decode latency per token ({d['new_tokens']} tokens after {d['prompt_tokens']})",
-        f"   session with state {ms['state']:.1f} ms, empty session {ms['empty']:.1f} ms, "
-        f"unwrapped {ms['unwrapped']:.1f} ms",
-        f"   ratio to unwrapped: with state {d['state_over_unwrapped']:.2f}, "
-        f"empty {d['empty_over_unwrapped']:.2f}",
+        f"   session with state {ms['state']:.1f} ms (reference delta {ms['state_reference']:.1f}"
+        f" ms), empty session {ms['empty']:.1f} ms, unwrapped {ms['unwrapped']:.1f} ms",
+        f"   with state / empty {d['state_over_empty']:.3f} (reference delta "
+        f"{d['reference_over_empty']:.3f}); ratio to unwrapped: with state "
+        f"{d['state_over_unwrapped']:.2f}, empty {d['empty_over_unwrapped']:.2f}",
         "",
         "3. against prompting (time to first token of a question, decode tokens/s, memory)",
         "   context  method          TTFT      decode tok/s  memory      one-time cost",
@@ -449,6 +473,7 @@ def format_report(r: dict) -> str:
     for b in r["batch"]:
         lines.append(
             f"   N={b['sessions']:<3} {b['tokens_per_s_states']:8.1f} tok/s with states, "
-            f"{b['tokens_per_s_no_states']:8.1f} without  step time ratio {b['step_ratio']:.2f}"
+            f"{b['tokens_per_s_no_states']:8.1f} without  step time ratio {b['step_ratio']:.3f}"
+            f" (reference delta {b['reference_step_ratio']:.3f})"
         )
     return "\n".join(lines)

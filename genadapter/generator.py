@@ -128,6 +128,11 @@ class LayerAdapter(nn.Module):
         z = (x.float() @ self.A.T) @ s_hat
         return self.alpha * (z @ self.B.T)
 
+    def fold(self, s_hat: torch.Tensor) -> torch.Tensor:
+        """alpha S_hat^T A: s_hat (r1, r2) -> (r2, d_in) float32, one state's delta as a LoRA
+        down-projection (B the up-projection): delta(x, s_hat) = B (fold(s_hat) x)."""
+        return self.alpha * (s_hat.float().mT @ self.A.float())
+
 
 def pair_sums(
     k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None, pairing: str
@@ -216,6 +221,17 @@ class Generator(nn.Module):
             return normalize_svd(S)
 
         return state.normalized(one)
+
+    def folded(self, state: AdapterState) -> dict[str, torch.Tensor]:
+        """Per adapted layer (the LM-head adapter excluded), alpha S_hat^T A (r2, d_in) float32:
+        the state's delta as a LoRA down-projection, B being the up-projection. Cached on the
+        state until it changes; what a session's decoding reads instead of A and S_hat."""
+
+        def make() -> dict[str, torch.Tensor]:
+            s_hat = self.normalized(state)
+            return {name: self.adapter(name).fold(s_hat[name]) for name in self.shapes}
+
+        return state.derived("folded", make)
 
     def fingerprint(self) -> str:
         """Identity of these exact weights; a saved session is bound to it."""

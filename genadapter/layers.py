@@ -22,11 +22,19 @@ class Binding:
                 (then every layer is exactly the base layer).
     sums:       when not None, each layer adds its per-sequence K^T V (b, r1, r2) here.
     token_mask: (b, t) 1 for real tokens, 0 for padding, used when capturing.
+    folded:     set by AdaptedModel.bind_states when every row has the same state: layer name ->
+                alpha S_hat^T A (r2, d_in), the delta's down-projection made once per state, so a
+                no-grad forward runs two thin matmuls per layer instead of three (folded_linear).
+    batched:    set by bind_states for rows with distinct states: no-grad forwards take
+                batched_linear (A and B shared, one batched matmul over the rows' S_hat).
+    Without either, or with gradients enabled, the delta is the generator's own code.
     """
 
     s_hat: dict[str, torch.Tensor] | None = None
     sums: dict[str, torch.Tensor] | None = None
     token_mask: torch.Tensor | None = None
+    folded: dict[str, torch.Tensor] | None = None
+    batched: bool = False
 
 
 class AdaptedLinear(nn.Module):
@@ -47,6 +55,10 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.binding
         if b.s_hat is not None and b.sums is None:
+            if (b.folded is not None or b.batched) and not torch.is_grad_enabled():
+                if b.folded is not None:
+                    return folded_linear(x, self.base, b.folded[self.name], self.adapter.B)
+                return batched_linear(x, self.base, self.adapter, b.s_hat[self.name])
             fused = fused_decode(x, self.base, self.adapter, b.s_hat[self.name])
             if fused is not None:
                 return fused
@@ -76,6 +88,37 @@ def lowrank_delta(x: torch.Tensor, adapter: LayerAdapter, s_hat: torch.Tensor) -
     if x.is_cuda and kernels.backend() != "reference":
         return kernels.lowrank_delta(x, adapter.A, adapter.B, s_hat, adapter.alpha)
     return adapter.delta(x, s_hat)
+
+
+def folded_linear(
+    x: torch.Tensor, base: nn.Module, down: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
+    """W x + B (down x) for every row: x (..., d_in), down (r2, d_in) from LayerAdapter.fold,
+    B (d_out, r2).
+
+    Equals base(x) + lowrank_delta(x, adapter, s_hat) up to float rounding (the product
+    S_hat^T A is taken once instead of per token); returned in base(x)'s dtype."""
+    return _add_up(base(x), torch.nn.functional.linear(x.to(down.dtype), down), B, 1.0)
+
+
+def batched_linear(
+    x: torch.Tensor, base: nn.Module, adapter: LayerAdapter, s_hat: torch.Tensor
+) -> torch.Tensor:
+    """W x + alpha B (S_hat_i^T (A x_i)) row by row: x (b, t, d_in), s_hat (b, r1, r2) float32.
+
+    The same sum as lowrank_delta in four operations (A and B applied to all rows at once, one
+    batched matmul for the states, the up-projection accumulated into the base output), for
+    rows with distinct states, where per-row folds would read b times more weights."""
+    z = torch.nn.functional.linear(x.to(adapter.A.dtype), adapter.A) @ s_hat
+    return _add_up(base(x), z, adapter.B, adapter.alpha)
+
+
+def _add_up(y: torch.Tensor, z: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y + alpha z B^T, accumulated in place into y (a fresh base output) when dtypes allow."""
+    if y.dtype == z.dtype == B.dtype and y.is_contiguous():
+        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B.T, alpha=alpha)
+        return y
+    return y + (alpha * (z @ B.T)).to(y.dtype)
 
 
 def kv_sums(x: torch.Tensor, adapter: LayerAdapter, token_mask: torch.Tensor | None):

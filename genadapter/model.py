@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import kernels
 from .base import Base, load_base, pick_device
 from .generator import Generator, GeneratorConfig
 from .head import HEAD_NAME, head_pairs
@@ -46,6 +47,9 @@ class AdaptedModel:
             raise ValueError(f"chunk_tokens must be in 1..{self.max_positions}")
         self.chunk_batch = chunk_batch
         self.binding: Binding = inject(self.base, generator)
+        # No-grad forwards under bound states take the folded / batched delta (layers.py); False
+        # keeps the generator's reference delta (for comparisons: `genadapter bench`).
+        self.fast_delta = True
 
     @property
     def device(self) -> torch.device:
@@ -140,9 +144,13 @@ class AdaptedModel:
 
     def bind_states(self, states: Sequence[AdapterState | None] | None):
         """Context manager: the next forwards use states[i] for sequence i. None, or all states
-        empty, leaves the base model untouched (bit-exact)."""
+        empty, leaves the base model untouched (bit-exact).
+
+        For no-grad forwards the delta is prepared once here: one state for every row is folded
+        into LoRA form (Generator.folded, cached on the state), distinct states take the batched
+        form (layers.py); the CUDA kernels keep their own fused path."""
         if states is None or all(s is None or s.is_empty for s in states):
-            return bound(self.binding, s_hat=None)
+            return bound(self.binding, s_hat=None, folded=None, batched=False)
         per_seq = [
             self.generator.normalized(s) if s is not None and not s.is_empty else None
             for s in states
@@ -151,7 +159,11 @@ class AdaptedModel:
         for name, (r1, r2) in self.generator.state_shapes().items():
             zero = torch.zeros(r1, r2, device=self.device)
             s_hat[name] = torch.stack([p[name] if p is not None else zero for p in per_seq])
-        return bound(self.binding, s_hat=s_hat)
+        fast = self.fast_delta and (self.device.type != "cuda" or kernels.backend() == "reference")
+        folded = None
+        if fast and all(s is states[0] for s in states):
+            folded = self.generator.folded(states[0])
+        return bound(self.binding, s_hat=s_hat, folded=folded, batched=fast and folded is None)
 
     @torch.no_grad()
     def logits(

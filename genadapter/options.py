@@ -137,12 +137,10 @@ class _CommandLineAdvice(logging.Filter):
         return True
 
 
-def load_model(args: argparse.Namespace, **overrides):
-    """Check the model options, then load the model they name (genadapter.load)."""
+def model_kwargs(args: argparse.Namespace, **overrides) -> dict:
+    """Check the model options; the keyword arguments of genadapter.load() they stand for."""
     check_model_args(args)
-    import genadapter
-
-    kwargs = {
+    return {
         "base": args.base,
         "generator": args.generator,
         "device": args.device,
@@ -150,6 +148,13 @@ def load_model(args: argparse.Namespace, **overrides):
         "quantize": quantize_arg(args.quantize),
         **overrides,
     }
+
+
+def load_model(args: argparse.Namespace, **overrides):
+    """Check the model options, then load the model they name (genadapter.load)."""
+    kwargs = model_kwargs(args, **overrides)
+    import genadapter
+
     advice = _CommandLineAdvice()
     logger = logging.getLogger("genadapter.model")
     logger.addFilter(advice)

@@ -107,6 +107,7 @@ class AdapterState:
         self.chunks = chunks
         self.documents = documents
         self._normalized: dict[str, torch.Tensor] | None = None
+        self._derived: dict[str, object] = {}
 
     @classmethod
     def zeros(cls, shapes: dict[str, tuple[int, int]], device=None) -> AdapterState:
@@ -137,6 +138,7 @@ class AdapterState:
         self.chunks += other.chunks
         self.documents += other.documents
         self._normalized = None
+        self._derived.clear()
         return self
 
     def normalized(self, normalize=None) -> dict[str, torch.Tensor]:
@@ -146,6 +148,13 @@ class AdapterState:
             f = normalize or (lambda name, S: normalize_svd(S))
             self._normalized = {n: f(n, s) for n, s in self.sums.items()}
         return self._normalized
+
+    def derived(self, key: str, make):
+        """`make()`, computed once and cached under `key` until the state changes (add_), like
+        `normalized`: e.g. the generator's folded deltas for decoding."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def checksum(self) -> str:
         """SHA-256 of the sums alone (names and float32 values): identifies a state's content."""

@@ -53,7 +53,7 @@ def test_bench_command_quick(tmp_path):
     assert r["absorb"]["tokens"] == r["absorb"]["forward_tokens"]
     assert abs(r["absorb"]["tokens"] - SIZES["quick"].absorb_chunks * 64) <= 2
     assert r["absorb"]["ratio"] > 0
-    assert set(r["decode"]["ms_per_token"]) == {"state", "empty", "unwrapped"}
+    assert set(r["decode"]["ms_per_token"]) == {"state", "state_reference", "empty", "unwrapped"}
     assert [b["sessions"] for b in r["batch"]] == list(SIZES["quick"].batch_sizes)
     assert all(p["cached_matches_recompute"] for p in r["prompting"])
     assert r["machine"]["torch"] == torch.__version__

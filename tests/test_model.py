@@ -89,8 +89,10 @@ def test_context_changes_only_its_own_sequence(random_model):
         assert (alone[i] - empty[i]).abs().max().item() > 0.05  # context changes the outputs
     # One batch: three sessions with their own states and one empty one.
     batch = m.logits(ids, [s.state for s in sessions] + [None])
+    # Alone, a sequence's delta is folded (S_hat^T A once); in a batch of distinct states it is
+    # S_hat^T (A x): float32 reassociation moves logits of order 10 by up to about 1e-4.
     for i in range(3):
-        assert (batch[i] - alone[i]).abs().max().item() <= 1e-4
+        assert (batch[i] - alone[i]).abs().max().item() <= 3e-4
     assert (batch[3] - empty[3]).abs().max().item() <= 1e-5
 
 
