@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,6 +26,10 @@ from .text import chunked, token_stream
 
 log = logging.getLogger(__name__)
 
+# States whose folded deltas (Generator.folded) are kept between forwards, most recently used
+# first: a fold is r2 x d_in floats per adapted layer (8 MiB for the default model, 33 times the
+# state), so a server holding many sessions keeps only those decoding now.
+FOLDED_STATES = 4
 # The trained generator for the embedded default base, shipped inside the package.
 SHIPPED_GENERATOR = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
 
@@ -50,6 +56,7 @@ class AdaptedModel:
         # No-grad forwards under bound states take the folded / batched delta (layers.py); False
         # keeps the generator's reference delta (for comparisons: `genadapter bench`).
         self.fast_delta = True
+        self._folded: OrderedDict[int, weakref.ref] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -162,8 +169,19 @@ class AdaptedModel:
         fast = self.fast_delta and (self.device.type != "cuda" or kernels.backend() == "reference")
         folded = None
         if fast and all(s is states[0] for s in states):
-            folded = self.generator.folded(states[0])
+            folded = self._fold(states[0])
         return bound(self.binding, s_hat=s_hat, folded=folded, batched=fast and folded is None)
+
+    def _fold(self, state: AdapterState) -> dict[str, torch.Tensor]:
+        """Generator.folded(state), cached on the state for the FOLDED_STATES latest states."""
+        folded = self.generator.folded(state)
+        self._folded[id(state)] = weakref.ref(state)
+        self._folded.move_to_end(id(state))
+        while len(self._folded) > FOLDED_STATES:
+            old = self._folded.popitem(last=False)[1]()
+            if old is not None:
+                old.forget("folded")
+        return folded
 
     @torch.no_grad()
     def logits(

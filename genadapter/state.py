@@ -156,6 +156,10 @@ class AdapterState:
             self._derived[key] = make()
         return self._derived[key]
 
+    def forget(self, key: str) -> None:
+        """Drop the value `derived` cached under `key` (to bound memory), if any."""
+        self._derived.pop(key, None)
+
     def checksum(self) -> str:
         """SHA-256 of the sums alone (names and float32 values): identifies a state's content."""
         h = hashlib.sha256()

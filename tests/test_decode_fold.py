@@ -99,3 +99,16 @@ def test_fold_is_cached_until_the_state_changes(random_model):
     assert gen.folded(s.state) is not first
     ref = _logits(random_model, ids, [s.state], fast=False)
     assert (_logits(random_model, ids, [s.state], fast=True) - ref).abs().max() < 1e-4
+
+
+def test_only_the_latest_states_keep_their_fold(random_model):
+    """A fold is 33x the state's size: the model keeps it for FOLDED_STATES states only."""
+    from genadapter.model import FOLDED_STATES
+
+    sessions = [random_model.session() for _ in range(FOLDED_STATES + 1)]
+    ids = torch.tensor([random_model.tokenizer.encode("The harbour")])
+    for i, s in enumerate(sessions):
+        s.absorb(DOCUMENT[40 * i : 40 * i + 200])
+        random_model.logits(ids, [s.state])
+    assert "folded" not in sessions[0].state._derived
+    assert all("folded" in s.state._derived for s in sessions[1:])
