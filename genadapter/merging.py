@@ -159,6 +159,8 @@ def _merge_loras(loras, method, weights, density, sign, seed, rank) -> LoraAdapt
 def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with B A the best rank-`rank` approximation of delta (truncated SVD, as PEFT's
     add_weighted_adapter does for its *_svd combinations)."""
+    k = min(rank, *delta.shape)
+    if not delta.any():  # e.g. an untrained generator's sessions: no SVD needed
+        return delta.new_zeros(k, delta.shape[1]), delta.new_zeros(delta.shape[0], k)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, S.shape[0])
     return Vh[:k].contiguous(), (U[:, :k] * S[:k]).contiguous()

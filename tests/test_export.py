@@ -85,9 +85,9 @@ def test_lora_folder_round_trip_and_empty_session(exported, random_model):
     assert all(torch.count_nonzero(empty.delta(n)) == 0 for n in empty.weights)
 
 
-def test_sum_of_states_is_absorbing_into_one_session(random_model):
-    a, b, both = random_model.session(), random_model.session(), random_model.session()
-    a.absorb(DOCUMENT)
+def test_sum_of_states_is_absorbing_into_one_session(random_model, exported):
+    a, _ = exported  # DOCUMENT absorbed
+    b, both = random_model.session(), random_model.session()
     b.absorb(OTHER)
     both.absorb(DOCUMENT)
     both.absorb(OTHER)

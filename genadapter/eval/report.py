@@ -37,9 +37,22 @@ def format_table(results: dict) -> str:
                         _cell(m["prompt"]["seconds"]),
                     ]
                 )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = _align(lines)
+    for suite, rows in results["suites"].items():  # suites with more methods: their own table
+        extra = [n for n in _methods(rows) if n not in METHOD_ORDER]
+        if extra:
+            names = _methods(rows)
+            block = [[suite, "n", *names]]
+            for row in rows:
+                metric = row["metric"] + ("" if row["higher_is_better"] else " (lower=better)")
+                block.append(
+                    [
+                        metric,
+                        str(row["n"]),
+                        *(_cell(row["methods"][k][row["metric"]]) for k in names),
+                    ]
+                )
+            text += ["", *_align(block)]
     notes = []
     for rows in results["suites"].values():
         for row in rows:
@@ -52,6 +65,19 @@ def format_table(results: dict) -> str:
     return "\n".join(text + notes)
 
 
+def _align(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return text
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    """The methods of a suite's rows: the usual ones in their order, then any others as given."""
+    names = list(dict.fromkeys(k for row in rows for k in row["methods"]))
+    return [k for k in METHOD_ORDER if k in names] + [k for k in names if k not in METHOD_ORDER]
+
+
 def write_json(results: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(results, indent=1).encode())
@@ -59,7 +85,8 @@ def write_json(results: dict, path: Path) -> Path:
 
 
 def write_charts(results: dict, folder: Path) -> list[Path]:
-    """One PNG per suite: each method's score on every metric of every row, as grouped bars."""
+    """One PNG per suite: each method's score on every metric of every row, as grouped bars; a
+    suite with methods of its own (vocab) gets one PNG per row, SUITE-METRIC.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,17 +94,23 @@ def write_charts(results: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    charts = []
     for suite, rows in results["suites"].items():
-        if not rows:
-            continue
+        if any(n not in METHOD_ORDER for n in _methods(rows)):
+            charts += [(f"{suite}-{row['metric']}", [row]) for row in rows]
+        elif rows:
+            charts.append((suite, rows))
+    palette = plt.get_cmap("tab20").colors
+    for suite, rows in charts:
         groups = [(row, metric) for row in rows for metric in row["metrics"]]
-        methods = [k for k in METHOD_ORDER if any(k in r["methods"] for r in rows)]
+        methods = _methods(rows)
         fig, ax = plt.subplots(figsize=(1.8 + 0.45 * len(groups) * len(methods), 3.4))
         width = 0.8 / len(methods)
         for j, method in enumerate(methods):
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
             ys = [row["methods"].get(method, {}).get(metric, 0.0) for row, metric in groups]
-            ax.bar(xs, ys, width, label=method, color=COLOURS[method])
+            colour = COLOURS.get(method, palette[j % len(palette)])
+            ax.bar(xs, ys, width, label=method, color=colour)
             for x, y in zip(xs, ys):
                 ax.text(x, y, _cell(y), ha="center", va="bottom", fontsize=6)
         labels = [

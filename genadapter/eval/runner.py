@@ -30,10 +30,11 @@ from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
 from .persona import persona_examples
 from .sft import SFTBaseline
+from .vocab import LORA_MERGES, vocab_rows
 
 log = logging.getLogger(__name__)
 
-SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook")
+SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook", "vocab")
 METHODS = ("base", "prompt", "adapter", "sft")
 QA_INSTRUCTION = "Answer in a few words."
 
@@ -56,12 +57,15 @@ class Limits:
     persona_questions: int  # per user
     max_new_tokens: int  # for short answers
     closedbook_questions: int  # general questions, each with an unrelated document absorbed
+    vocab_glossaries: int = 4  # glossaries of rare terms (at least 2, to merge)
+    vocab_terms: int = 3  # per glossary
+    vocab_merges: tuple[str, ...] = LORA_MERGES  # LoRA merge methods compared
 
 
 LIMITS = {
-    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16, 4),
-    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30),
-    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32, 30),
+    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16, 4, 2, 1, ("ties",)),
+    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
+    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32, 30, 8, 6),
 }
 
 
@@ -83,6 +87,7 @@ def resolve_limits(limit: str | int | Limits) -> Limits:
             icl_queries=limit,
             persona_users=limit,
             closedbook_questions=limit,
+            vocab_glossaries=max(2, limit),
         )
     if limit not in LIMITS:
         raise ValueError(f"unknown limit {limit!r}; use one of {', '.join(LIMITS)} or a number")
@@ -395,6 +400,21 @@ def suite_closedbook(model: AdaptedModel, limits: Limits, seed: int, split: str,
     return [run_questions(model, examples, scorer, "closedbook", progress=progress)]
 
 
+def suite_vocab(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
+    """Rare technical terms from glossaries: term NLL and definitions under base, prompting, a
+    session per glossary, and the glossaries merged every way (eval/vocab.py)."""
+    return vocab_rows(
+        model,
+        limits.vocab_glossaries,
+        limits.vocab_terms,
+        limits.vocab_merges,
+        limits.max_new_tokens,
+        seed,
+        split,
+        progress,
+    )
+
+
 SUITE_FUNCTIONS = {
     "completion": suite_completion,
     "qa": suite_qa,
@@ -402,6 +422,7 @@ SUITE_FUNCTIONS = {
     "icl": suite_icl,
     "persona": suite_persona,
     "closedbook": suite_closedbook,
+    "vocab": suite_vocab,
 }
 
 
@@ -436,7 +457,11 @@ def run_suites(
         "config": {
             "suites": list(suites),
             "limit": limit if isinstance(limit, (str, int)) else "custom",
-            "limits": limits.__dict__ | {"longqa_lengths": list(limits.longqa_lengths)},
+            "limits": limits.__dict__
+            | {
+                "longqa_lengths": list(limits.longqa_lengths),
+                "vocab_merges": list(limits.vocab_merges),
+            },
             "seed": seed,
             "split": split,
             "base": model.base_name,
