@@ -212,3 +212,19 @@ def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path)
     got, want = LoraAdapter.load(tmp_path / "p"), LoraAdapter.load(out / "peft")
     assert all(torch.equal(got.weights[n][0], want.weights[n][0]) for n in want.weights)
     assert cli.main(argv) == 2  # neither --peft nor --merged
+
+
+def test_readme_peft_snippet_runs_as_written(exported, tmp_path, monkeypatch, capsys):
+    """README's transformers + PEFT block (fenced `py`, so test_readme leaves it to this test),
+    on this module's exported adapter placed where the snippet looks for it."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M) if "Peft" in b]
+    _, out = exported
+    shutil.copytree(out / "peft", tmp_path / "adapters" / "lighthouse")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
