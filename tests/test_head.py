@@ -13,21 +13,36 @@ from genadapter.model import AdaptedModel
 
 from .conftest import DOCUMENT, TEST_CHUNK
 
+WINDOW = 3
 HEAD = {"r1": 24, "r2": 16, "alpha": 0.7, "key": "final", "norm": "sqrt"}
 
 
-@pytest.fixture(scope="module", params=["final", "layer:7"])
+@pytest.fixture(scope="module", params=["final", "layer:7", "final+surprisal+token+window"])
 def head_model(request):
     base = load_base(None, device="cpu", dtype=torch.float32)
-    config = GeneratorConfig(targets=(), head={**HEAD, "key": request.param}, seed=3)
+    key, *extra = request.param.split("+")
+    weight = "surprisal" if "surprisal" in extra else "none"
+    head = {**HEAD, "key": key, "weight": weight, "key_token": "token" in extra}
+    head["window"] = WINDOW if "window" in extra else 0
+    config = GeneratorConfig(targets=(), head=head, seed=3)
     gen = Generator.for_base(base.model, config).randomize_(seed=4, scale=2.0)
     with torch.no_grad():
         gen.head.norm.mul_(torch.linspace(0.5, 1.5, gen.head.norm.numel()))
+        if "token" in extra:
+            gen.head.Wt.normal_(0, 0.05, generator=torch.Generator().manual_seed(6))
+        if "window" in extra:
+            gen.head.Wu.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+        if "surprisal" in extra:
+            gen.head.w_gain.fill_(0.7)
+            gen.head.w_shift.fill_(2.5)
     return AdaptedModel(base, gen, chunk_tokens=TEST_CHUNK, chunk_batch=2)
 
 
 def reference_state(model: AdaptedModel, text: str) -> tuple[torch.Tensor, int]:
-    """sum over chunks and positions j of k_j v_{j+1}^T, one chunk at a time, in float64."""
+    """sum over chunks and positions j of w_j k_j v_{j+1}^T, one chunk at a time, in float64;
+    w_j = sigmoid(gain (s_j - shift)) with s_j = -log p_base(token j+1) for a weighted head;
+    k_j gains Wt e(t_j) with token keys; v_j gains Wu sum_{|i-j|<=m} w_i e(t_{i+1}) with a
+    window."""
     head, base = model.generator.head, model.base
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     S = torch.zeros(head.config.r1, head.config.r2, dtype=torch.float64)
@@ -39,8 +54,23 @@ def reference_state(model: AdaptedModel, text: str) -> tuple[torch.Tensor, int]:
         h = (out.last_hidden_state if layer is None else out.hidden_states[layer])[0].double()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + head.eps) * head.norm.double()
         e = base.get_input_embeddings().weight[chunk[0]].double()
-        for j in range(len(chunk[0]) - 1):
-            S += torch.outer(head.Wk.double() @ h[j], head.Wv.double() @ e[j + 1])
+        E = base.get_output_embeddings().weight.double()
+        logp = (out.last_hidden_state[0].double() @ E.T).log_softmax(-1)
+        n = len(chunk[0]) - 1
+        w = torch.ones(n, dtype=torch.float64)
+        if head.config.weight == "surprisal":
+            s = torch.stack([-logp[j, chunk[0, j + 1]] for j in range(n)])
+            w = torch.sigmoid(head.w_gain.double() * (s - head.w_shift.double()))
+        for j in range(n):
+            k = head.Wk.double() @ h[j]
+            if head.config.key_token:
+                k = k + head.Wt.double() @ e[j]
+            v = head.Wv.double() @ e[j + 1]
+            m = head.config.window
+            if m:
+                near = range(max(0, j - m), min(n, j + m + 1))
+                v = v + head.Wu.double() @ sum(w[i] * e[i + 1] for i in near)
+            S += w[j] * torch.outer(k, v)
     return S, len(ids)
 
 
@@ -100,6 +130,10 @@ def test_bad_head_config_is_refused():
         GeneratorConfig(targets=(), head={"norm": "softmax"})
     with pytest.raises(ValueError, match="key"):
         GeneratorConfig(targets=(), head={"key": "middle"})
+    with pytest.raises(ValueError, match="window"):
+        GeneratorConfig(targets=(), head={"window": -1})
+    with pytest.raises(ValueError, match="weight"):
+        GeneratorConfig(targets=(), head={"weight": "entropy"})
     with pytest.raises(ValueError, match="needs target layers"):
         GeneratorConfig(targets=(), head=None)
 

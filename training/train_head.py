@@ -35,7 +35,7 @@ from distill_cache import KEY_LAYERS  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
 from genadapter.generator import Generator, GeneratorConfig  # noqa: E402
-from genadapter.head import HeadAdapter, HeadConfig  # noqa: E402
+from genadapter.head import HeadAdapter, HeadConfig, next_token_surprisal  # noqa: E402
 
 
 def load_rows(folder: str, limit: int | None = None) -> list[dict]:
@@ -52,7 +52,8 @@ def doc_state(head: HeadAdapter, row: dict, E_in: torch.Tensor, key_layers: tupl
     layer = head.config.key_layer
     h = row["doc_final"] if layer is None else row["doc_layers"][key_layers.index(layer)]
     ids = row["doc_ids"].long()
-    S = head.kv_sums(h[None, :-1].float(), E_in[ids[1:]][None], None)[0]
+    e = E_in[ids][None]
+    S = head.kv_sums(h[None, :-1].float(), e[:, 1:], None, row.get("surprisal"), e[:, :-1])[0]
     return head.normalize(S, len(ids))
 
 
@@ -78,6 +79,15 @@ def losses(head, E, E_in, row, doc_row, key_layers, answer_weight: float = 1.0, 
     nll = -logp[-n:].gather(-1, tgt[-n:, None]).mean()
     agree = (logits[-n:].argmax(-1) == tgt[-n:]).float().mean()
     return (kl * w).sum() / w.sum(), nll, agree
+
+
+@torch.no_grad()
+def add_surprisal(rows: list[dict], E: torch.Tensor) -> None:
+    """The base's surprisal of every document token after the first, from the cached final
+    states, as the runtime's absorb computes it (head.next_token_surprisal): (1, n-1) per row."""
+    for r in rows:
+        ids = r["doc_ids"].long()
+        r["surprisal"] = next_token_surprisal(r["doc_final"][None, :-1].float(), ids[None, 1:], E)
 
 
 @torch.no_grad()
@@ -138,6 +148,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="use at most this many training rows")
     p.add_argument("--key", default="final", help="final or layer:N (N among the cached layers)")
     p.add_argument("--norm", default="sqrt", choices=["none", "sqrt"])
+    p.add_argument("--weight", default="none", choices=["none", "surprisal"])
+    p.add_argument("--key-token", action="store_true", help="add the current token to the keys")
+    p.add_argument("--window", type=int, default=0, help="values also recall +-N positions")
     p.add_argument("--r1", type=int, default=256)
     p.add_argument("--r2", type=int, default=256)
     p.add_argument("--alpha", type=float, default=1.0)
@@ -159,7 +172,11 @@ def main() -> None:
     E_in = base.model.get_input_embeddings().weight.detach()  # the same matrix when tied
     train, held = load_rows(args.train, args.limit), load_rows(args.held_out)
     print(f"{len(train)} training rows, {len(held)} held out; base {reference(E, held, args.tail)}")
-    head_cfg = HeadConfig(args.r1, args.r2, args.alpha, args.key, args.norm).to_dict()
+    if args.weight == "surprisal":
+        add_surprisal(train + held, E)
+    head_cfg = HeadConfig(
+        args.r1, args.r2, args.alpha, args.key, args.norm, args.weight, args.key_token, args.window
+    ).to_dict()
     config = GeneratorConfig(targets=(), head=head_cfg, seed=args.seed)
     generator = Generator.for_base(base.model, config)
     head = generator.head.train()
