@@ -100,7 +100,10 @@ def write_charts(results: dict, folder: Path) -> list[Path]:
             charts += [(f"{suite}-{row['metric']}", [row]) for row in rows]
         elif rows:
             charts.append((suite, rows))
-    palette = plt.get_cmap("tab20").colors
+    used = {tuple(round(c * 255) for c in matplotlib.colors.to_rgb(v)) for v in COLOURS.values()}
+    palette = [
+        c for c in plt.get_cmap("tab20").colors if tuple(round(x * 255) for x in c) not in used
+    ]
     for suite, rows in charts:
         groups = [(row, metric) for row in rows for metric in row["metrics"]]
         methods = _methods(rows)
@@ -124,7 +127,7 @@ def write_charts(results: dict, folder: Path) -> list[Path]:
             ax.set_ylabel(f"{rows[0]['metric']} (lower is better)")
         n = sum(r["n"] for r in rows)
         ax.set_title(f"{suite}: {n} items, limit {results['config']['limit']}", fontsize=9)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.spines[["top", "right"]].set_visible(False)
         fig.tight_layout()
         path = folder / f"{suite}.png"
