@@ -90,8 +90,11 @@ class _Encoder:
     """One Ray actor: loads the model once (genadapter.load(**load_kwargs)) and encodes tasks."""
 
     def __init__(self, load_kwargs: dict):
+        from transformers.utils import logging as hf_logging
+
         import genadapter
 
+        hf_logging.disable_progress_bar()  # the driver's own bar is the one a person reads
         self.model = genadapter.load(**load_kwargs)
 
     def info(self) -> dict:
