@@ -45,7 +45,7 @@ class HeadConfig:
     # previous-token match; Olsson et al. 2022). Wt starts at zero.
     key_token: bool = False
     # Add to each value the (surprisal-weighted) embeddings of the next tokens of the `window`
-    # positions on either side (v_j += Wu sum_{|i-j|<=window} w_i e(t_{i+1})), so a key also
+    # positions on either side (v_j += Wu sum_{|i-j|<=m} w_i e(t_{i+1}) / (2m+1)), so a key also
     # recalls what stood near it, not only what came next: "X started the business" can then
     # answer "who founded X?", whose answer comes before the words that match. 0: off.
     window: int = 0
@@ -129,10 +129,9 @@ class HeadAdapter(nn.Module):
         if pair_mask is not None:
             w = w * pair_mask.to(w.dtype)
         if self.config.window:
-            v = (
-                v
-                + window_sums(next_embeds.float() * w.unsqueeze(-1), self.config.window) @ self.Wu.T
-            )
+            m = self.config.window
+            near = window_sums(next_embeds.float() * w.unsqueeze(-1), m) / (2 * m + 1)
+            v = v + near @ self.Wu.T
         return (k * w.unsqueeze(-1)).mT @ v
 
     def normalize(self, S: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -41,8 +41,8 @@ def head_model(request):
 def reference_state(model: AdaptedModel, text: str) -> tuple[torch.Tensor, int]:
     """sum over chunks and positions j of w_j k_j v_{j+1}^T, one chunk at a time, in float64;
     w_j = sigmoid(gain (s_j - shift)) with s_j = -log p_base(token j+1) for a weighted head;
-    k_j gains Wt e(t_j) with token keys; v_j gains Wu sum_{|i-j|<=m} w_i e(t_{i+1}) with a
-    window."""
+    k_j gains Wt e(t_j) with token keys; v_j gains Wu sum_{|i-j|<=m} w_i e(t_{i+1}) / (2m+1)
+    with a window."""
     head, base = model.generator.head, model.base
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     S = torch.zeros(head.config.r1, head.config.r2, dtype=torch.float64)
@@ -69,7 +69,7 @@ def reference_state(model: AdaptedModel, text: str) -> tuple[torch.Tensor, int]:
             m = head.config.window
             if m:
                 near = range(max(0, j - m), min(n, j + m + 1))
-                v = v + head.Wu.double() @ sum(w[i] * e[i + 1] for i in near)
+                v = v + head.Wu.double() @ sum(w[i] * e[i + 1] for i in near) / (2 * m + 1)
             S += w[j] * torch.outer(k, v)
     return S, len(ids)
 
