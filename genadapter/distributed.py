@@ -224,13 +224,13 @@ class RayAbsorber:
         Session.absorb takes it), its chunks encoded by the actors.
 
         Equals the state of absorbing each document into one session in this process, up to float
-        rounding of the order of the sum. `task_chunks` (default 4 chunk batches) is the unit of
+        rounding of the order of the sum. `task_chunks` (default: one chunk batch) is the unit of
         work and of retry; `on_result(n)` is called after the n-th partial state was added. Raises
         DocumentError for a document that is not text (before or while encoding: nothing is
         returned), and Ray's errors when an actor dies more often than max_restarts."""
         from ray.util import ActorPool
 
-        task_chunks = task_chunks or 4 * self.info["chunk_batch"]
+        task_chunks = task_chunks or self.info["chunk_batch"]
         documents = _counted(documents)
         pool = ActorPool(self.actors)
         pending = self.tasks(documents, task_chunks)
