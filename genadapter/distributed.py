@@ -56,6 +56,7 @@ class ChunkedState:
 
     @property
     def chunks_held(self) -> int:
+        """How many chunks were summed into the state."""
         return sum(stop - start for start, stop in self.held)
 
     def add_(self, other: ChunkedState) -> ChunkedState:
