@@ -309,8 +309,12 @@ def _add_export(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("session", metavar="SESSION", help="a saved session (DIR or .safetensors)")
-    p.add_argument("--peft", metavar="OUT", help="write the PEFT adapter folder OUT")
-    p.add_argument("--merged", metavar="OUT", help="write the merged model folder OUT")
+    p.add_argument(
+        "--peft", metavar="OUT", help="write the PEFT adapter folder OUT (default: not written)"
+    )
+    p.add_argument(
+        "--merged", metavar="OUT", help="write the merged model folder OUT (default: not written)"
+    )
     p.set_defaults(run=cmd_export)
 
 

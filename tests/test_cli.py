@@ -122,7 +122,7 @@ def test_help_is_quick_lists_every_command_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("heavy: []")
-    for command in ("chat", "absorb", "serve", "eval", "bench"):
+    for command in ("chat", "absorb", "serve", "eval", "bench", "export", "merge"):
         line = next(x for x in out.stdout.splitlines() if x.strip().startswith(command + " "))
         assert len(line.split()) > 3, line  # the command and what it does
     assert "--version" in out.stdout
@@ -136,7 +136,7 @@ def test_version():
 def test_every_option_says_its_default():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"chat", "absorb", "serve", "eval", "bench"}
+    assert set(commands.choices) == {"chat", "absorb", "serve", "eval", "bench", "export", "merge"}
     for name, sub in commands.choices.items():
         for action in sub._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:
