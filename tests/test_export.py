@@ -64,14 +64,21 @@ def test_peft_adapter_on_the_transformers_base_gives_the_sessions_logits(
     assert (got - want).abs().max() <= TOL
 
 
-def test_merged_folder_gives_the_sessions_logits(exported, random_model):
+def test_merged_folder_gives_the_sessions_logits(exported, random_model, default_dir):
     session, out = exported
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
     ids = _random_prompts(len(random_model.tokenizer))
+    want = random_model.logits(ids, [session.state] * 3)
     with torch.no_grad():
-        got = merged(input_ids=ids).logits.float()
-    diff = (got - random_model.logits(ids, [session.state] * 3)).abs()
+        diff = (merged(input_ids=ids).logits.float() - want).abs()
     assert diff.max() <= MERGED_TOL and diff.mean() <= MERGED_MEAN_TOL
+    # The floor of any float32 merge: PEFT's own merge_and_unload of the exported adapter is as
+    # far from the session (1.4e-4 measured, against 1.3e-4 for ours).
+    plain = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    peft_merged = PeftModel.from_pretrained(plain, out / "peft").merge_and_unload().eval()
+    with torch.no_grad():
+        floor = (peft_merged(input_ids=ids).logits.float() - want).abs().max()
+    assert diff.max() <= 1.5 * floor
 
 
 def test_lora_folder_round_trip_and_empty_session(exported, random_model):
