@@ -81,6 +81,16 @@ def losses(head, E, E_in, row, doc_row, key_layers, answer_weight: float = 1.0, 
     return (kl * w).sum() / w.sum(), nll, agree
 
 
+def window(row: dict, n: int, rng: random.Random) -> dict:
+    """The row with only a random run of n of its scored positions (a completion row scores
+    over a hundred), so one step costs about the same whatever the row; short rows as they are."""
+    if row["answer_len"] <= n:
+        return row
+    stop = len(row["targets"]) - rng.randrange(row["answer_len"] - n + 1)
+    cut = {k: row[k][:stop] for k in ("x_student", "x_teacher", "targets")}
+    return {**row, **cut, "answer_len": n}
+
+
 @torch.no_grad()
 def add_surprisal(rows: list[dict], E: torch.Tensor) -> None:
     """The base's surprisal of every document token after the first, from the cached final
@@ -143,7 +153,7 @@ def reference(E, rows, tail: int = 0) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--train", default="training/cache/mixed")
+    p.add_argument("--train", nargs="+", default=["training/cache/mixed"], help="cache folders")
     p.add_argument("--held-out", default="training/cache/evalstyle")
     p.add_argument("--limit", type=int, help="use at most this many training rows")
     p.add_argument("--key", default="final", help="final or layer:N (N among the cached layers)")
@@ -160,6 +170,9 @@ def main() -> None:
     p.add_argument("--answer-weight", type=float, default=4.0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--tail", type=int, default=0, help="score only the answer and N before it")
+    p.add_argument(
+        "--max-positions", type=int, default=32, help="a random window of a longer row per step"
+    )
     p.add_argument("--init", choices=["zero", "copy"], default="zero")
     p.add_argument("--init-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -170,7 +183,8 @@ def main() -> None:
     base = load_base(None, device="cpu", dtype=torch.float32)
     E = base.model.get_output_embeddings().weight.detach()
     E_in = base.model.get_input_embeddings().weight.detach()  # the same matrix when tied
-    train, held = load_rows(args.train, args.limit), load_rows(args.held_out)
+    train = [r for folder in args.train for r in load_rows(folder, args.limit)]
+    held = load_rows(args.held_out)
     print(f"{len(train)} training rows, {len(held)} held out; base {reference(E, held, args.tail)}")
     if args.weight == "surprisal":
         add_surprisal(train + held, E)
@@ -215,7 +229,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(args.batch):
-            r = train[rng.randrange(len(train))]
+            r = window(train[rng.randrange(len(train))], args.max_positions, rng)
             kl, _, _ = losses(head, E, E_in, r, r, KEY_LAYERS, args.answer_weight, args.tail)
             total = total + kl / args.batch
         total.backward()
