@@ -1,4 +1,4 @@
-"""The `genadapter` command: chat, absorb, serve, eval, bench, export and merge.
+"""The `genadapter` command: chat, absorb, serve, eval, bench, export, merge and library.
 
 Each command checks its arguments (files, generator folder, device) before the slow model load
 and imports torch only then, so `genadapter --help` is quick. Exit status: 0 done, 1 an error while
@@ -177,6 +177,40 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = _state_path(args.out)
     merged.save(path, dict(meta, messages=[], merge=args.method))
     print(f"wrote the {args.method} merge of {len(args.inputs)} sessions to {path}")
+    return 0
+
+
+def cmd_library(args: argparse.Namespace) -> int:
+    """`library add|list|rm|search`: manage and search a library folder (genadapter/library.py)."""
+    import time
+    from pathlib import Path
+
+    from .library import Library, NoEntryError
+
+    if args.action == "add":
+        for doc in args.files:
+            existing_file(doc)
+        library = Library.open(args.library, load_model(args), create=True)
+        stats = library.add(args.name, [Path(f) for f in args.files], progress=True)
+        print(
+            f"added {args.name}: {stats.tokens} tokens in {stats.chunks} chunks to {args.library}"
+        )
+    elif args.action == "search":
+        library = Library.open(args.library, load_model(args))
+        for name, score in library.search(args.question, args.k):
+            print(f"{score:.4f}\t{name}")
+    elif args.action == "rm":
+        try:
+            Library.open(args.library).remove(args.name)
+        except NoEntryError as e:
+            raise UsageError(str(e)) from None
+        print(f"removed {args.name} from {args.library}")
+    else:
+        entries = Library.open(args.library).list()
+        for e in entries:
+            added = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.added))
+            print(f"{e.name}\t{e.tokens} tokens\t{e.documents} documents\tadded {added}")
+        print(f"{len(entries)} entries in {args.library}")
     return 0
 
 
@@ -370,6 +404,44 @@ def _add_bench(sub) -> None:
     p.set_defaults(run=cmd_bench)
 
 
+def _add_library(sub) -> None:
+    p = sub.add_parser(
+        "library",
+        help="manage an adapter library: documents routed per token (add, list, rm, search)",
+        description="A library folder holds documents absorbed with one base and generator; "
+        "decoding routes each token to its best-matching documents (README: Adapter library).",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add",
+        help="absorb FILEs as one entry NAME",
+        description="Absorb the FILEs as the entry NAME of LIBRARY (created when missing). "
+        "Give the --base and --generator the library was made with.",
+    )
+    add_model_args(add)
+    add.add_argument("library", metavar="LIBRARY", help="the library folder")
+    add.add_argument("name", metavar="NAME", help="the entry's name: letters, digits, . _ -")
+    add.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    for action, text in (("list", "list the entries"), ("rm", "remove the entry NAME")):
+        q = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        q.add_argument("library", metavar="LIBRARY", help="the library folder")
+        if action == "rm":
+            q.add_argument("name", metavar="NAME", help="the entry to remove")
+    search = actions.add_parser(
+        "search",
+        help="the entries nearest QUESTION",
+        description="Print the k entries of LIBRARY whose embeddings are nearest QUESTION's, "
+        "best first, with their scores (mean cosine over the adapted layers' inputs).",
+    )
+    add_model_args(search)
+    search.add_argument("library", metavar="LIBRARY", help="the library folder")
+    search.add_argument("question", metavar="QUESTION", help="the text to search for")
+    search.add_argument(
+        "--k", type=positive_int, default=5, metavar="N", help="entries to print (default: 5)"
+    )
+    p.set_defaults(run=cmd_library)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; building it imports no model code."""
     from .server import add_serve_parser
@@ -386,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_export(sub)
     _add_merge(sub)
+    _add_library(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from . import kernels
 from .generator import Generator, LayerAdapter, find_targets
 from .head import HEAD_NAME
+from .routing import Routes, input_sum, mixed_down
 
 
 @dataclass
@@ -28,6 +29,10 @@ class Binding:
     batched:    set by bind_states for rows with distinct states: no-grad forwards take
                 batched_linear (A and B shared, one batched matmul over the rows' S_hat).
     Without either, or with gradients enabled, the delta is the generator's own code.
+    routes:     layer name -> Routes: each token mixes its top-k documents of a library
+                (routing.py, routed_linear); takes precedence over s_hat.
+    input_sums: when not None during a capture, each layer adds the sum of its inputs over the
+                real tokens (d_in,) here: a library document's gates (library.py).
     """
 
     s_hat: dict[str, torch.Tensor] | None = None
@@ -35,6 +40,8 @@ class Binding:
     token_mask: torch.Tensor | None = None
     folded: dict[str, torch.Tensor] | None = None
     batched: bool = False
+    routes: dict[str, Routes] | None = None
+    input_sums: dict[str, torch.Tensor] | None = None
 
 
 class AdaptedLinear(nn.Module):
@@ -54,6 +61,8 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.binding
+        if b.routes is not None and b.sums is None:
+            return routed_linear(x, self.base, b.routes[self.name], self.adapter.B)
         if b.s_hat is not None and b.sums is None:
             if (b.folded is not None or b.batched) and not torch.is_grad_enabled():
                 if b.folded is not None:
@@ -66,6 +75,9 @@ class AdaptedLinear(nn.Module):
         if b.sums is not None:
             kv = kv_sums(x, self.adapter, b.token_mask)
             b.sums[self.name] = b.sums[self.name] + kv if self.name in b.sums else kv
+            if b.input_sums is not None:
+                xs = input_sum(x, b.token_mask)
+                b.input_sums[self.name] = b.input_sums.get(self.name, 0) + xs
         if b.s_hat is not None:
             y = y + lowrank_delta(x, self.adapter, b.s_hat[self.name]).to(y.dtype)
         return y
@@ -111,6 +123,16 @@ def batched_linear(
     rows with distinct states, where per-row folds would read b times more weights."""
     z = torch.nn.functional.linear(x.to(adapter.A.dtype), adapter.A) @ s_hat
     return _add_up(base(x), z, adapter.B, adapter.alpha)
+
+
+def routed_linear(
+    x: torch.Tensor, base: nn.Module, routes: Routes, B: torch.Tensor
+) -> torch.Tensor:
+    """W x + B (sum_j w_j D_{i_j} x): each token's own top-k documents of a library
+    (routing.mixed_down), x (..., d_in), B (d_out, r2); returned in base(x)'s dtype.
+
+    With one document its weight is exactly 1, so this is folded_linear under that document."""
+    return _add_up(base(x), mixed_down(x, routes), B, 1.0)
 
 
 def _add_up(y: torch.Tensor, z: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -99,6 +99,31 @@ def test_chat_repl_commands(tmp_path):
     assert (tmp_path / "saved" / "state.safetensors").is_file()
 
 
+def test_library_commands_add_list_and_remove(tmp_path):
+    from genadapter.library import Library
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    lib = tmp_path / "lib"
+    out = run_cli("library", "add", str(lib), "rail", str(doc), str(doc), "--chunk-tokens", "64")
+    assert out.returncode == 0, out.stderr
+    (entry,) = Library.open(lib).list()
+    assert entry.name == "rail" and entry.documents == 2 and entry.tokens > 100
+    out = run_cli("library", "list", str(lib), timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(f"rail\t{entry.tokens} tokens")
+    assert out.stdout.splitlines()[-1] == f"1 entries in {lib}"
+    out = run_cli("library", "search", str(lib), "When was the line electrified?", "--k", "3")
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()  # one entry, however large --k
+    assert line.endswith("\trail") and -1 <= float(line.split()[0]) <= 1
+    out = run_cli("library", "rm", str(lib), "nope", timeout=60)
+    assert out.returncode == 2 and "no entry 'nope'" in out.stderr
+    out = run_cli("library", "rm", str(lib), "rail", timeout=60)
+    assert out.returncode == 0 and Library.open(lib).list() == []
+    out = run_cli("library", "list", str(tmp_path / "none"), timeout=60)
+    assert out.returncode == 1 and "no library" in out.stderr
+
+
 def test_cli_errors_are_clear(tmp_path):
     out = run_cli("absorb", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "s"))
     assert out.returncode == 2 and "no such file" in out.stderr
@@ -122,7 +147,7 @@ def test_help_is_quick_lists_every_command_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("heavy: []")
-    for command in ("chat", "absorb", "serve", "eval", "bench", "export", "merge"):
+    for command in ("chat", "absorb", "serve", "eval", "bench", "export", "merge", "library"):
         line = next(x for x in out.stdout.splitlines() if x.strip().startswith(command + " "))
         assert len(line.split()) > 3, line  # the command and what it does
     assert "--version" in out.stdout
@@ -136,7 +161,9 @@ def test_version():
 def test_every_option_says_its_default():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"chat", "absorb", "serve", "eval", "bench", "export", "merge"}
+    assert set(commands.choices) == {
+        "chat", "absorb", "serve", "eval", "bench", "export", "merge", "library",
+    }  # fmt: skip
     for name, sub in commands.choices.items():
         for action in sub._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:

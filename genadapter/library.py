@@ -1,0 +1,393 @@
+"""An adapter library: a folder of named documents absorbed with one base and generator, each an
+expert that decoding routes to per token and per layer (routing.py, PHATGOOSE).
+
+Layout of a library folder:
+    library.json                   manifest: format, the base and generator fingerprints, and per
+                                   entry its counts and the SHA-256 of its state's sums
+    entries/NAME/state.safetensors the document's state in the saved-session format
+                                   (`model.load_session` opens it as a session)
+    entries/NAME/gates.safetensors per adapted layer, the mean of the layer's inputs over the
+                                   document's tokens (1 x d_in float32), in the same checksummed
+                                   container (AdapterState.save), bound to the state's checksum
+
+Every file is written atomically (state.atomic_write); an entry's files are written before the
+manifest names it, and the manifest forgets an entry before its files are deleted, so a crash
+leaves at worst an unnamed folder that the next `add` of that name overwrites. One process
+writes a library at a time; libraries built apart combine with `merge`.
+
+Entries are read whole and their checksums verified (a state is r1 r2 L float32, 245,760 bytes
+for the default generator), not memory-mapped: what grows with N is the stack of folded deltas
+that routing builds in memory (N r2 sum(d_in) floats, 8 MiB per entry for the default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .layers import bound
+from .routing import Routes, standardize
+from .session import AbsorbStats, Session
+from .state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
+
+FORMAT = "genadapter-library/1"
+MANIFEST = "library.json"
+ENTRIES = "entries"
+STATE_FILE = "state.safetensors"
+GATES_FILE = "gates.safetensors"
+GATES_KIND = "library-gates"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+FINGERPRINTS = ("base_fingerprint", "generator_fingerprint")
+
+
+class NoEntryError(KeyError):
+    """The library has no entry of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class Entry:
+    """One stored document: its name, what was absorbed, when, and its state's checksum."""
+
+    name: str
+    tokens: int
+    chunks: int
+    documents: int
+    added: float
+    state_sha256: str
+
+
+class Library:
+    """A library folder opened with `model` (an AdaptedModel), or with None to list and remove
+    entries without loading a model (adding, loading and routing then raise ValueError)."""
+
+    def __init__(self, path: Path, model, manifest: dict):
+        self.path = path
+        self.model = model
+        self._manifest = manifest
+        # Per adapted layer, built on demand: standardized gates (N, d_in), folded deltas
+        # (N, r2, d_in).
+        self._gates: dict[str, torch.Tensor] | None = None
+        self._downs: dict[str, torch.Tensor] | None = None
+
+    # -- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model) -> Library:
+        """A new, empty library at `path` for `model`'s base and generator.
+
+        Raises FileExistsError when `path` already holds a library, ValueError for a generator
+        with an LM-head adapter (not routed yet)."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise FileExistsError(f"{path} already holds a library")
+        _check_routable(model)
+        manifest = {"format": FORMAT, **{k: getattr(model, k) for k in FINGERPRINTS}, "entries": {}}
+        library = cls(path, model, manifest)
+        library._write_manifest()
+        return library
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model=None, create: bool = False) -> Library:
+        """The library at `path`; a new one when there is none and `create` is true.
+
+        Raises FileNotFoundError (no library and not `create`), CorruptStateError (a manifest
+        that is not a library's) and IncompatibleStateError (a library made with another base or
+        generator than `model`'s)."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            if create and model is not None:
+                return cls.create(path, model)
+            raise FileNotFoundError(f"no library at {path} (no {MANIFEST})")
+        manifest = _read_manifest(path / MANIFEST)
+        if model is not None:
+            _check_routable(model)
+            for key in FINGERPRINTS:
+                if manifest[key] != getattr(model, key):
+                    what = key.split("_")[0]
+                    raise IncompatibleStateError(
+                        f"the library {path} was made with another {what} ({manifest[key]}); "
+                        f"this model's {what} is {getattr(model, key)}"
+                    )
+        return cls(path, model, manifest)
+
+    # -- entries --------------------------------------------------------------------------------
+
+    def list(self) -> list[Entry]:
+        """The stored entries, sorted by name (from the manifest; no file is read)."""
+        return [Entry(name=n, **e) for n, e in sorted(self._manifest["entries"].items())]
+
+    def __len__(self) -> int:
+        return len(self._manifest["entries"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._manifest["entries"]
+
+    def add(self, name: str, document: object, progress: bool = False) -> AbsorbStats:
+        """Absorb `document` as the entry `name` and save it.
+
+        document: text, UTF-8 bytes or an iterable of str pieces (one document, as
+        Session.absorb), or a Path or a list of Paths (UTF-8 files, each absorbed as one document;
+        the entry's state is their sum, its gates their mean over all their tokens).
+        Raises ValueError for a bad or taken name and, like absorb, for empty or non-text input;
+        the library is then unchanged."""
+        model = self._need_model()
+        _check_name(name)
+        if name in self:
+            raise ValueError(f"the library already has an entry {name!r}; remove it first")
+        documents = _documents(document)
+        start = time.perf_counter()
+        state, inputs = model.new_state(), {}
+        # The layers add their inputs' sums to `inputs` during the same context pass.
+        with bound(model.binding, input_sums=inputs):
+            for doc in documents:
+                state.add_(model.encode(doc, progress=progress)[0])
+        gates = AdapterState({n: (s / state.tokens).unsqueeze(0) for n, s in inputs.items()})
+        gates.tokens = state.tokens
+        folder = self.path / ENTRIES / name
+        meta = {k: getattr(model, k) for k in FINGERPRINTS}
+        Session(model, state).save(folder / STATE_FILE)
+        gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND, state_sha256=state.checksum()))
+        self._manifest["entries"][name] = {
+            "tokens": state.tokens,
+            "chunks": state.chunks,
+            "documents": state.documents,
+            "added": time.time(),
+            "state_sha256": state.checksum(),
+        }
+        self._write_manifest()
+        return AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
+
+    def remove(self, name: str) -> None:
+        """Delete the entry `name`. Raises NoEntryError (a KeyError) when there is none."""
+        if name not in self:
+            raise NoEntryError(f"the library {self.path} has no entry {name!r}")
+        del self._manifest["entries"][name]
+        self._write_manifest()
+        shutil.rmtree(self.path / ENTRIES / name, ignore_errors=True)
+
+    def load(self, name: str) -> tuple[Session, dict[str, torch.Tensor]]:
+        """The entry's session and its gates (layer name -> (d_in,) float32 mean input).
+
+        Raises NoEntryError (a KeyError: no such entry), FileNotFoundError, CorruptStateError (a
+        damaged file, or files that do not belong together) and IncompatibleStateError (made
+        with another base, generator or layers)."""
+        model = self._need_model()
+        if name not in self:
+            raise NoEntryError(f"the library {self.path} has no entry {name!r}")
+        folder = self.path / ENTRIES / name
+        session = Session.load(model, folder / STATE_FILE)
+        checksum = session.state.checksum()
+        if checksum != self._manifest["entries"][name]["state_sha256"]:
+            raise CorruptStateError(f"{folder}: the state is not the one the manifest recorded")
+        gates, meta = AdapterState.load(folder / GATES_FILE, device=model.device)
+        if meta.get("kind") != GATES_KIND or meta.get("state_sha256") != checksum:
+            raise CorruptStateError(f"{folder / GATES_FILE}: not the gates of this entry's state")
+        for key in FINGERPRINTS:
+            if meta.get(key) != getattr(model, key):
+                raise IncompatibleStateError(f"{folder / GATES_FILE} was made with another model")
+        shapes = {n: (1, d_in) for n, (d_in, _) in model.generator.shapes.items()}
+        if {n: tuple(g.shape) for n, g in gates.sums.items()} != shapes:
+            raise IncompatibleStateError(f"{folder / GATES_FILE} holds gates for other layers")
+        return session, {n: g[0] for n, g in gates.sums.items()}
+
+    def merge(self, other: Library) -> list[str]:
+        """Copy every entry of `other` (a library of the same base and generator, e.g. built in
+        another process) into this one; returns the names copied. Each entry is loaded and
+        verified first. Raises ValueError when a name is in both, IncompatibleStateError for
+        another model's library."""
+        self._need_model()
+        if any(other._manifest[k] != self._manifest[k] for k in FINGERPRINTS):
+            raise IncompatibleStateError(f"{other.path} was made with another base or generator")
+        clash = sorted(n for n in other._manifest["entries"] if n in self)
+        if clash:
+            raise ValueError(f"both libraries have entries named {', '.join(clash)}")
+        checked = Library(other.path, self.model, other._manifest)
+        names = [e.name for e in other.list()]
+        for name in names:
+            checked.load(name)  # refuses damaged or foreign entries before anything is copied
+        for name in names:
+            for file in (STATE_FILE, GATES_FILE):
+                data = (other.path / ENTRIES / name / file).read_bytes()
+                atomic_write(self.path / ENTRIES / name / file, data)
+            self._manifest["entries"][name] = dict(other._manifest["entries"][name])
+        self._write_manifest()
+        return names
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def routes(self, k: int = 2) -> dict[str, Routes]:
+        """Per adapted layer, the stacked standardized gates and folded deltas of every entry
+        (in name order), for routed decoding; the stacks are cached until the library changes.
+
+        Memory: N x r2 x d_in float32 per layer (N entries). Raises ValueError for an empty
+        library or k < 1, and whatever `load` raises for a bad entry."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        self._stack(folds=True)
+        return {n: Routes(g, self._downs[n], k) for n, g in self._gates.items()}
+
+    def _stack(self, folds: bool) -> None:
+        """Load and verify every entry once; keep the gates' stacks and, when `folds`, the
+        stacked folded deltas (the larger part, which search does not need)."""
+        if self._gates is not None and (self._downs is not None or not folds):
+            return
+        model = self._need_model()
+        if not len(self):
+            raise ValueError(f"the library {self.path} has no entries")
+        gates: dict[str, list[torch.Tensor]] = {n: [] for n in model.generator.shapes}
+        downs: dict[str, list[torch.Tensor]] = {n: [] for n in model.generator.shapes}
+        for entry in self.list():
+            session, g = self.load(entry.name)
+            folded = model.generator.folded(session.state) if folds else {}
+            for n in gates:
+                gates[n].append(g[n])
+                if folds:
+                    downs[n].append(folded[n])
+        self._gates = {n: standardize(torch.stack(v)) for n, v in gates.items()}
+        self._downs = {n: torch.stack(v) for n, v in downs.items()} if folds else None
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def embed(self, text: str) -> torch.Tensor:
+        """A fixed-size vector of `text` (a question or a document): per adapted layer the mean
+        of the inputs the layer saw while `text` was read, standardized and scaled to norm
+        1/sqrt(L) (L layers), concatenated: (sum of d_in,) float32. Raises as Session.absorb for
+        empty or non-text input."""
+        model = self._need_model()
+        inputs: dict[str, torch.Tensor] = {}
+        with bound(model.binding, input_sums=inputs):
+            state = model.encode(text)[0]
+        return _embedding({n: s / state.tokens for n, s in inputs.items()})
+
+    def embeddings(self) -> tuple[list[str], torch.Tensor]:
+        """Every entry's name and embedding (N, sum of d_in) float32, in the space of `embed`,
+        made from its stored gates alone (so it does not depend on the rest of the library)."""
+        self._stack(folds=False)
+        return [e.name for e in self.list()], _embedding(self._gates)
+
+    def search(self, question: str, k: int = 5) -> list[tuple[str, float]]:
+        """The k entries whose embeddings are nearest `question`'s, best first, with their
+        scores: the mean over adapted layers of the cosine between the question's and the
+        document's standardized mean layer inputs, in [-1, 1]. Raises ValueError for an empty
+        library, k < 1, or an empty question."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        names, docs = self.embeddings()
+        scores = docs @ self.embed(question).to(docs.device)
+        top = scores.topk(min(k, len(names)))
+        return [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def session(self, k: int = 2) -> RoutedSession:
+        """A session that answers with every token routed to its top-k entries."""
+        self.routes(k)  # fail now, not at the first token
+        return RoutedSession(self, k)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _need_model(self):
+        if self.model is None:
+            raise ValueError(f"the library {self.path} was opened without a model")
+        return self.model
+
+    def _write_manifest(self) -> None:
+        self._gates = self._downs = None
+        atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
+
+
+class RoutedSession(Session):
+    """A session over a library: chat, generate and logits route each token of each adapted
+    layer to its top-k entries (routing.py). It absorbs nothing itself (add to the library) and
+    has no state to save or export: those raise ValueError."""
+
+    def __init__(self, library: Library, k: int = 2):
+        super().__init__(library.model)
+        self.library = library
+        self.k = k
+
+    def _routing(self):
+        return bound(self.model.binding, routes=self.library.routes(self.k))
+
+    def _run(self, ids: list[int], params) -> Iterable[str]:
+        pieces = super()._run(ids, params)  # lazy: nothing runs until the first piece is asked
+        with self._routing():
+            yield from pieces
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(b, t, vocab) float32 logits of `input_ids` (b, t) under routing."""
+        with self._routing():
+            return self.model.logits(input_ids, None, attention_mask)
+
+    def score(self, text: str, prefix: str | None = None) -> float:
+        """Mean negative log-likelihood per token of `text` (after `prefix`) under routing, as
+        model.score; pass the routed session here, not to model.score (which reads a state)."""
+        with self._routing():
+            return self.model.score(text, None, prefix)
+
+    def absorb(self, document: object, progress: bool = False) -> AbsorbStats:
+        raise ValueError("a routed session reads its library: add documents with Library.add")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        raise ValueError("a routed session has no state of its own to save")
+
+    def to_peft(self, folder: str | os.PathLike, merged: bool = False) -> Path:
+        raise ValueError("a routed session is not one LoRA; export the library's entries")
+
+
+def _embedding(means: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layer name -> (..., d_in) means (or already standardized gates) -> (..., sum d_in): each
+    standardized (norm sqrt(d_in)), scaled by 1/sqrt(d_in L), concatenated in name order, so a
+    dot product of two embeddings is the mean over layers of the per-layer cosines."""
+    scale = len(means) ** -0.5
+    parts = [standardize(means[n]) * (scale / means[n].shape[-1] ** 0.5) for n in sorted(means)]
+    return torch.cat(parts, dim=-1)
+
+
+def _check_routable(model) -> None:
+    if model.generator.head is not None:
+        raise ValueError("the adapter library does not route a generator's LM-head adapter yet")
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"entry name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _documents(document: object) -> list[object]:
+    """add's argument as a list of documents for model.encode (files read as UTF-8)."""
+    paths = [document] if isinstance(document, Path) else document
+    if isinstance(paths, (list, tuple)) and paths and all(isinstance(p, Path) for p in paths):
+        return [p.read_text(encoding="utf-8") for p in paths]
+    return [document]
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("entries"), dict)
+        ok = ok and all(isinstance(manifest.get(k), str) for k in FINGERPRINTS)
+        fields = set(Entry.__dataclass_fields__) - {"name"}
+        ok = ok and all(
+            isinstance(e, dict) and e.keys() == fields for e in manifest["entries"].values()
+        )
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise CorruptStateError(f"{path}: not a genadapter library manifest ({e})") from e
+    if not ok:
+        raise CorruptStateError(f"{path}: not a genadapter library manifest")
+    return manifest
+
+
+__all__ = ["Entry", "Library", "NoEntryError", "RoutedSession"]

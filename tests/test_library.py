@@ -1,0 +1,225 @@
+"""The adapter library (genadapter/library.py) and per-token routing (routing.py), on the default
+base with a random generator (nonzero B, so every state changes the logits)."""
+
+import json
+
+import pytest
+import torch
+
+from genadapter.layers import routed_linear
+from genadapter.library import MANIFEST, Library
+from genadapter.routing import Routes, mixed_down, standardize
+from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
+
+from .conftest import DOCUMENT
+
+DOCS = {
+    "rail": DOCUMENT,
+    "bees": "Honey bees keep a colony of one queen, thousands of workers and a few hundred drones. "
+    "Workers forage for nectar within three kilometres of the hive and dance to tell the others "
+    "where flowers are. In winter the colony clusters and shivers to stay warm.",
+    "ocean": "The Pacific Ocean is the largest and deepest ocean. The Mariana Trench reaches about "
+    "eleven kilometres below sea level, and tides are driven by the Moon.",
+    "python": "In Python, a list comprehension builds a list from an iterable: "
+    "[x * 2 for x in items if x > 0]. Dictionaries map keys to values and keep insertion order.",
+    "tax": "Section 4(b): a taxpayer who files after the deadline owes a penalty of five percent "
+    "of the unpaid amount for each month, up to twenty-five percent, unless the delay had a "
+    "reasonable cause that the taxpayer documents in writing.",
+}
+PROMPT = "The Kestrel locomotive was painted"
+QUESTIONS = {
+    "rail": "When was the line electrified?",
+    "bees": "How do workers tell others where the flowers are?",
+    "tax": "What is the penalty for filing late?",
+    "ocean": "How deep is the Mariana Trench?",
+    "python": "How do I build a list from an iterable?",
+}
+
+
+@pytest.fixture(scope="module")
+def built(random_model, tmp_path_factory):
+    """A library holding every DOCS entry, added in one process."""
+    lib = Library.create(tmp_path_factory.mktemp("lib") / "all", random_model)
+    for name, text in DOCS.items():
+        lib.add(name, text)
+    return lib
+
+
+def _ids(model, text=PROMPT):
+    return torch.tensor([model.tokenizer.encode(text, add_special_tokens=False)])
+
+
+def test_add_list_remove_round_trip(random_model, tmp_path):
+    lib = Library.create(tmp_path / "lib", random_model)
+    stats = lib.add("rail", DOCUMENT)
+    (tmp_path / "b.txt").write_text(DOCS["bees"])
+    lib.add("bees", [tmp_path / "b.txt"])
+    assert [e.name for e in lib.list()] == ["bees", "rail"] and stats.tokens > 0
+    # Reopened from disk without a model: the manifest alone lists and removes.
+    bare = Library.open(tmp_path / "lib")
+    assert [(e.name, e.tokens) for e in bare.list()] == [(e.name, e.tokens) for e in lib.list()]
+    bare.remove("rail")
+    assert not (tmp_path / "lib" / "entries" / "rail").exists()
+    again = Library.open(tmp_path / "lib", random_model)
+    assert [e.name for e in again.list()] == ["bees"]
+    with pytest.raises(KeyError, match="no entry 'rail'"):
+        again.remove("rail")
+    with pytest.raises(ValueError, match="already has an entry"):
+        again.add("bees", DOCUMENT)
+    with pytest.raises(ValueError, match="entry name"):
+        again.add("../escape", DOCUMENT)
+    with pytest.raises(ValueError, match="without a model"):
+        bare.add("x", DOCUMENT)
+    # The stored state is an ordinary saved session: the one a session absorbing the file makes.
+    session, gates = again.load("bees")
+    direct = random_model.session()
+    direct.absorb(DOCS["bees"])
+    assert session.state.checksum() == direct.state.checksum()
+    assert set(gates) == set(random_model.generator.shapes)
+
+
+def test_one_entry_routes_exactly_like_its_session(random_model, tmp_path):
+    lib = Library.create(tmp_path / "one", random_model)
+    lib.add("rail", DOCUMENT)
+    session = random_model.session()
+    session.absorb(DOCUMENT)
+    ids = _ids(random_model)
+    want = random_model.logits(ids, [session.state])
+    got = lib.session(k=2).logits(ids)
+    # With one entry its weight is exactly 1 and the delta takes the same folded matmuls as the
+    # session: equal to float32 rounding (observed: bit-equal).
+    assert (got - want).abs().max() <= 1e-5
+    assert (want - random_model.logits(ids)).abs().max() > 1e-2  # the state does change them
+    text = "The line was electrified in 1923."
+    assert lib.session(k=2).score(text) == pytest.approx(
+        random_model.score(text, session), abs=1e-6
+    )
+    assert abs(random_model.score(text, session) - random_model.score(text)) > 1e-3
+    routed = lib.session(k=2).generate(PROMPT, max_new_tokens=8)
+    assert routed == session.generate(PROMPT, max_new_tokens=8)
+
+
+def test_gates_do_not_depend_on_the_rest_of_the_library(random_model, built, tmp_path):
+    alone = Library.create(tmp_path / "alone", random_model)
+    alone.add("bees", DOCS["bees"])
+    s1, g1 = alone.load("bees")
+    s2, g2 = built.load("bees")
+    assert s1.state.checksum() == s2.state.checksum()
+    for name in g1:
+        assert torch.equal(g1[name], g2[name])
+    # and the gates are the document's own: another document's differ
+    _, other = built.load("tax")
+    assert all(not torch.allclose(g1[n], other[n], atol=1e-3) for n in g1)
+
+
+def test_two_halves_merged_equal_one_library(random_model, built, tmp_path):
+    first = Library.create(tmp_path / "first", random_model)
+    second = Library.create(tmp_path / "second", random_model)
+    names = list(DOCS)
+    for name in names[:2]:
+        first.add(name, DOCS[name])
+    for name in names[2:]:
+        second.add(name, DOCS[name])
+    assert first.merge(Library.open(tmp_path / "second", random_model)) == names[2:]
+    merged = Library.open(tmp_path / "first", random_model)
+    key = lambda e: (e.name, e.tokens, e.chunks, e.state_sha256)  # noqa: E731
+    assert list(map(key, merged.list())) == list(map(key, built.list()))
+    ids = _ids(random_model)
+    assert torch.equal(merged.session(k=2).logits(ids), built.session(k=2).logits(ids))
+    with pytest.raises(ValueError, match="both libraries have entries named bees"):
+        merged.merge(built)
+
+
+def test_routing_mixes_each_tokens_top_k(random_model, built):
+    ids = _ids(random_model)
+    logits = {k: built.session(k=k).logits(ids) for k in (1, 2, 3)}
+    assert (logits[1] - logits[2]).abs().max() > 1e-3
+    assert (logits[2] - logits[3]).abs().max() > 1e-3
+    for name in DOCS:  # no single entry's session gives the routed answer
+        s, _ = built.load(name)
+        assert (random_model.logits(ids, [s.state]) - logits[2]).abs().max() > 1e-3
+
+
+def test_search_ranks_the_document_a_question_is_about_first(random_model, built, tmp_path):
+    # Embeddings come from the base's layer inputs alone (the generator does not enter them).
+    for name, question in QUESTIONS.items():
+        found = built.search(question, k=2)
+        assert found[0][0] == name, (question, found)
+        assert -1 <= found[1][1] < found[0][1] <= 1
+    names, docs = built.embeddings()
+    alone = Library.create(tmp_path / "alone", random_model)
+    alone.add("tax", DOCS["tax"])
+    assert torch.allclose(alone.embeddings()[1][0], docs[names.index("tax")], atol=1e-6)
+    # A document's own text is its nearest entry, at cosine ~1 (its embedding is its gates).
+    assert built.search(DOCS["bees"], k=1)[0][0] == "bees"
+    assert built.search(DOCS["bees"], k=1)[0][1] > 0.999
+    empty = Library.create(tmp_path / "empty", random_model)
+    with pytest.raises(ValueError, match="no entries"):
+        empty.search("anything")
+    with pytest.raises(ValueError, match="no entries"):
+        empty.session(k=2)
+
+
+def test_routed_linear_against_a_token_by_token_reference():
+    g = torch.Generator().manual_seed(0)
+    n, r2, d_in, d_out = 5, 4, 16, 8
+    base = torch.nn.Linear(d_in, d_out)
+    B = torch.randn(d_out, r2, generator=g)
+    routes = Routes(standardize(torch.randn(n, d_in, generator=g)), torch.randn(n, r2, d_in), 2)
+    x = torch.randn(2, 7, d_in, generator=g)
+    with torch.no_grad():
+        got = routed_linear(x, base, routes, B)
+        want = torch.empty_like(got)
+        for b in range(2):
+            for t in range(7):
+                xs = (x[b, t] - x[b, t].mean()) / x[b, t].std(unbiased=False)
+                scores = routes.gates @ xs / d_in**0.5
+                top = scores.argsort(descending=True)[:2]
+                w = torch.softmax(scores[top], 0)
+                delta = sum(w[j] * B @ (routes.downs[top[j]] @ x[b, t]) for j in range(2))
+                want[b, t] = base(x[b, t]) + delta
+    assert (got - want).abs().max() < 1e-4  # float32, sums of 16 and 4 terms
+    # Few tokens gather their k documents' D instead of multiplying by all N: the same mix.
+    one = x[:, :1]
+    assert (
+        mixed_down(one, routes) - mixed_down(one.expand(2, 3, d_in), routes)[:, :1]
+    ).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="k >= 1"):
+        mixed_down(x, Routes(routes.gates, routes.downs, 0))
+
+
+def test_corrupt_and_foreign_entries_fail_clearly(random_model, built, tmp_path):
+    import shutil
+
+    shutil.copytree(built.path, tmp_path / "lib")
+    lib = Library.open(tmp_path / "lib", random_model)
+    state_file = tmp_path / "lib" / "entries" / "rail" / "state.safetensors"
+    data = bytearray(state_file.read_bytes())
+    data[-3] ^= 0xFF
+    state_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptStateError, match="checksum mismatch"):
+        lib.load("rail")
+    with pytest.raises(CorruptStateError):
+        lib.session(k=2)
+    # An entry re-saved (with a valid checksum) as made by another generator.
+    bees = tmp_path / "lib" / "entries" / "bees" / "state.safetensors"
+    state, meta = AdapterState.load(bees)
+    state.save(bees, dict(meta, generator_fingerprint="0" * 16))
+    with pytest.raises(IncompatibleStateError, match="another generator"):
+        lib.load("bees")
+    # Another entry's gates in place of this one's.
+    tax = tmp_path / "lib" / "entries" / "tax"
+    shutil.copy(tmp_path / "lib" / "entries" / "bees" / "gates.safetensors", tax)
+    with pytest.raises(CorruptStateError, match="not the gates of this entry"):
+        lib.load("tax")
+    # A library made for another generator is refused when opened.
+    manifest = json.loads((tmp_path / "lib" / MANIFEST).read_text())
+    manifest["generator_fingerprint"] = "f" * 16
+    (tmp_path / "lib" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleStateError, match="another generator"):
+        Library.open(tmp_path / "lib", random_model)
+    (tmp_path / "lib" / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptStateError, match="not a genadapter library"):
+        Library.open(tmp_path / "lib")
+    with pytest.raises(FileNotFoundError, match="no library"):
+        Library.open(tmp_path / "nowhere", random_model)
