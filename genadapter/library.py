@@ -330,7 +330,7 @@ class RoutedSession(Session):
 
     def score(self, text: str, prefix: str | None = None) -> float:
         """Mean negative log-likelihood per token of `text` (after `prefix`) under routing, as
-        model.score; pass the routed session here, not to model.score (which reads a state)."""
+        model.score (which hands a routed session back to this method)."""
         with self._routing():
             return self.model.score(text, None, prefix)
 

@@ -213,6 +213,8 @@ class AdaptedModel:
             )
         if len(ids) < 2:
             raise ValueError("score needs at least two tokens when no prefix is given")
+        if getattr(session, "library", None) is not None:  # a RoutedSession: its own routing
+            return session.score(text, prefix)
         state = None if session is None else session.state
         logits = self.logits(torch.tensor([ids]), [state])[0]
         first = max(len(context), 1)

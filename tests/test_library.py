@@ -95,6 +95,8 @@ def test_one_entry_routes_exactly_like_its_session(random_model, tmp_path):
         random_model.score(text, session), abs=1e-6
     )
     assert abs(random_model.score(text, session) - random_model.score(text)) > 1e-3
+    # model.score given the routed session routes too (it does not read an empty state).
+    assert random_model.score(text, lib.session(k=2)) == lib.session(k=2).score(text)
     routed = lib.session(k=2).generate(PROMPT, max_new_tokens=8)
     assert routed == session.generate(PROMPT, max_new_tokens=8)
 
