@@ -46,18 +46,20 @@ train: training-data
 	mkdir -p $(SHIPPED)
 	cp $(RUN)/generator/config.json $(RUN)/generator/generator.safetensors $(SHIPPED)/
 
-# The LM-head adapter of issue 13 (docs/TRAINING.md, session 6's run 6; not shipped): cache the prompted
+# The LM-head adapter of issue 13 (docs/TRAINING.md, session 6's run 9; not shipped): cache the prompted
 # teacher's and the base's hidden states for the distillation mix (training/DATA.md), then train
 # on them. Resumable: the caches are written in shards and picked up where they stopped.
 CACHE := training/cache
 HEAD_RUN := training/runs/head
 
 train-head: setup
-	dpkg -s wordnet >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wordnet)
+	dpkg -s $(CORPORA_PACKAGES) >/dev/null 2>&1 || \
+		(apt-get update -q && apt-get install -y -q $(CORPORA_PACKAGES))
 	$(PY) training/distill_cache.py --source evalstyle --count 120 --shard 40 --seed 7 \
 		--out $(CACHE)/evalstyle
 	$(PY) training/distill_cache.py --source mixed --count 600 --shard 50 --seed 0 \
 		--out $(CACHE)/mixed
-	$(PY) training/train_head.py --train $(CACHE)/mixed --limit 600 --held-out $(CACHE)/evalstyle \
-		--epochs 8 --batch 8 --lr 2e-3 --tail 4 --init copy --weight surprisal --eval-every 100 \
-		--out $(HEAD_RUN).jsonl --save $(HEAD_RUN)
+	$(PY) training/distill_completion.py --count 150 --out $(CACHE)/completion
+	$(PY) training/train_head.py --train $(CACHE)/mixed $(CACHE)/completion --limit 600 \
+		--held-out $(CACHE)/evalstyle --epochs 6 --batch 8 --lr 2e-3 --tail 4 --init copy \
+		--weight surprisal --eval-every 100 --out $(HEAD_RUN).jsonl --save $(HEAD_RUN)
