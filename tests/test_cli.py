@@ -99,7 +99,8 @@ def test_chat_repl_commands(tmp_path):
     assert (tmp_path / "saved" / "state.safetensors").is_file()
 
 
-def test_library_commands_add_list_and_remove(tmp_path):
+def test_library_commands_add_list_and_remove(tmp_path, capsys):
+    from genadapter import cli
     from genadapter.library import Library
 
     doc = tmp_path / "doc.txt"
@@ -109,19 +110,21 @@ def test_library_commands_add_list_and_remove(tmp_path):
     assert out.returncode == 0, out.stderr
     (entry,) = Library.open(lib).list()
     assert entry.name == "rail" and entry.documents == 2 and entry.tokens > 100
-    out = run_cli("library", "list", str(lib), timeout=60)
-    assert out.returncode == 0 and out.stdout.startswith(f"rail\t{entry.tokens} tokens")
-    assert out.stdout.splitlines()[-1] == f"1 entries in {lib}"
-    out = run_cli("library", "search", str(lib), "When was the line electrified?", "--k", "3")
-    assert out.returncode == 0, out.stderr
-    (line,) = out.stdout.splitlines()  # one entry, however large --k
+    # The other actions in this process (the same main(); a new interpreter each is 3-4 s).
+    capsys.readouterr()
+    assert cli.main(["library", "list", str(lib)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(f"rail\t{entry.tokens} tokens")
+    assert stdout.splitlines()[-1] == f"1 entries in {lib}"
+    argv = ["library", "search", str(lib), "When was the line electrified?", "--k", "3"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()  # one entry, however large --k
     assert line.endswith("\trail") and -1 <= float(line.split()[0]) <= 1
-    out = run_cli("library", "rm", str(lib), "nope", timeout=60)
-    assert out.returncode == 2 and "no entry 'nope'" in out.stderr
-    out = run_cli("library", "rm", str(lib), "rail", timeout=60)
-    assert out.returncode == 0 and Library.open(lib).list() == []
-    out = run_cli("library", "list", str(tmp_path / "none"), timeout=60)
-    assert out.returncode == 1 and "no library" in out.stderr
+    assert cli.main(["library", "rm", str(lib), "nope"]) == 2
+    assert "no entry 'nope'" in capsys.readouterr().err
+    assert cli.main(["library", "rm", str(lib), "rail"]) == 0 and Library.open(lib).list() == []
+    assert cli.main(["library", "list", str(tmp_path / "none")]) == 1
+    assert "no library" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path):
