@@ -108,22 +108,32 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     source = distill_sources.SOURCES[args.source]
-    rows, shard, start = [], len(list(out.glob("shard-*.pt"))), time.perf_counter()
-    done = shard * args.shard
-    for _ in range(done):  # resume: replay the draws of the shards already written
-        source(rng)
-    while done < args.count:
-        item = source(rng)
+
+    def make_row(item) -> dict:
         row = build(model, tok, item.document, item.message, args.chunk, args.max_new_tokens)
-        row.update(source=args.source, gold=item.answers)
-        rows.append(row)
+        return {**row, "source": args.source, "gold": item.answers}
+
+    write_shards(out, args.count, args.shard, lambda: source(rng), make_row)
+
+
+def write_shards(out: Path, count: int, size: int, draw, make_row) -> None:
+    """Write `count` rows to out/shard-NNNN.pt, `size` per shard, each shard atomically (a
+    temporary file renamed). Resumable: the draws of the shards already there are replayed
+    (`draw()` advances the random sources) without building their rows.
+
+    draw: () -> item; make_row: item -> dict (the expensive part: the model's passes)."""
+    shard = len(list(out.glob("shard-*.pt")))
+    done, rows, start = shard * size, [], time.perf_counter()
+    for _ in range(done):
+        draw()
+    while done < count:
+        rows.append(make_row(draw()))
         done += 1
-        if len(rows) == args.shard or done == args.count:
+        if len(rows) == size or done == count:
             tmp = out / f".shard-{shard:04d}.tmp"
             torch.save(rows, tmp)
             tmp.rename(out / f"shard-{shard:04d}.pt")
-            rate = done / (time.perf_counter() - start)
-            print(f"{done} examples, {rate * 60:.0f}/min", flush=True)
+            print(f"{done} rows, {done / (time.perf_counter() - start) * 60:.0f}/min", flush=True)
             rows, shard = [], shard + 1
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cache import final_hidden  # noqa: E402
+from distill_cache import final_hidden, write_shards  # noqa: E402
 
 from genadapter import corpora  # noqa: E402
 from genadapter.base import load_base  # noqa: E402
@@ -80,21 +79,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     docs = train_documents(tok, 1024 + args.target, args.seed)
-    shard = len(list(out.glob("shard-*.pt")))
-    done, rows, start = shard * args.shard, [], time.perf_counter()
-    for _ in range(done):  # resume: replay the draws of the shards already written
-        next(docs), rng.randint(256, 1024)
-    while done < args.count:
-        doc_id, ids = next(docs)
-        row = build(model, ids, rng.randint(256, 1024), args.target, args.chunk)
-        rows.append({**row, "source": "completion", "doc_id": doc_id, "gold": []})
-        done += 1
-        if len(rows) == args.shard or done == args.count:
-            tmp = out / f".shard-{shard:04d}.tmp"
-            torch.save(rows, tmp)
-            tmp.rename(out / f"shard-{shard:04d}.pt")
-            print(f"{done} rows, {done / (time.perf_counter() - start) * 60:.0f}/min", flush=True)
-            rows, shard = [], shard + 1
+
+    def make_row(item) -> dict:
+        (doc_id, ids), context = item
+        row = build(model, ids, context, args.target, args.chunk)
+        return {**row, "source": "completion", "doc_id": doc_id, "gold": []}
+
+    def draw():  # the next document, then its context length (a resumed cache replays both)
+        return next(docs), rng.randint(256, 1024)
+
+    write_shards(out, args.count, args.shard, draw, make_row)
 
 
 if __name__ == "__main__":
