@@ -2,7 +2,7 @@
 and other multi-LoRA engines load, and a full model folder with the delta merged into the weights.
 
 For an adapted layer the session's delta is Delta W = alpha B S_hat^T A (generator.py), so
-    lora_A = S_hat^T A    (r2 x d_in),    lora_B = alpha B    (d_out x r2)
+    lora_A = alpha S_hat^T A    (r2 x d_in; generator.folded),    lora_B = B    (d_out x r2)
 with PEFT's scaling lora_alpha / r = 1. Nothing here imports PEFT: the folder is two files,
 adapter_config.json and adapter_model.safetensors, in PEFT's layout."""
 
@@ -77,7 +77,7 @@ class LoraAdapter:
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": self.base,
             "r": r,
-            "lora_alpha": r,  # scaling lora_alpha / r = 1: alpha is already inside lora_B
+            "lora_alpha": r,  # scaling lora_alpha / r = 1: alpha is already inside lora_A
             "lora_dropout": 0.0,
             "target_modules": self.targets,
             "bias": "none",
@@ -155,15 +155,16 @@ def session_lora(model, state: AdapterState) -> LoraAdapter:
             quantized,
             base,
         )
-    s_hat = generator.normalized(state) if not state.is_empty else {}
+    # The down-projection is the decode path's own fold, alpha S_hat^T A (generator.folded).
+    folded = generator.folded(state) if not state.is_empty else {}
     weights = {}
     for name in generator.shapes:
         adapter = generator.adapter(name)
-        if name in s_hat:
-            a = s_hat[name].float().mT @ adapter.A.float()
+        if name in folded:
+            a = folded[name]
         else:  # an empty session: exactly the base
             a = torch.zeros(adapter.B.shape[1], adapter.A.shape[1], device=adapter.A.device)
-        weights[name] = (a.cpu(), (adapter.alpha * adapter.B.float()).cpu())
+        weights[name] = (a.cpu(), adapter.B.float().cpu())
     return LoraAdapter(weights, base, info)
 
 
