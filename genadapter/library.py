@@ -9,6 +9,13 @@ Layout of a library folder:
     entries/NAME/gates.safetensors per adapted layer, the mean of the layer's inputs over the
                                    document's tokens (1 x d_in float32), in the same checksummed
                                    container (AdapterState.save), bound to the state's checksum
+    entries/NAME/behaviour.safetensors
+                                   the state's behaviour embedding (embedding.py; 1 x D float32
+                                   under the name "behaviour"), same container, bound to the
+                                   state's checksum and to embedding.BEHAVIOUR_VERSION. Entries
+                                   written before it existed have none: it is then computed from
+                                   the stored state when first needed (the same vector `add`
+                                   would have stored) and kept in memory, never written by a read
 
 Every file is written atomically (state.atomic_write); an entry's files are written before the
 manifest names it, and the manifest forgets an entry before its files are deleted, so a crash
@@ -26,13 +33,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import embedding
 from .layers import bound
+from .library_session import RoutedSession
 from .routing import Routes, standardize
 from .session import AbsorbStats, Session
 from .state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
@@ -43,6 +51,8 @@ ENTRIES = "entries"
 STATE_FILE = "state.safetensors"
 GATES_FILE = "gates.safetensors"
 GATES_KIND = "library-gates"
+BEHAVIOUR_FILE = "behaviour.safetensors"
+BEHAVIOUR_KIND = "library-behaviour"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FINGERPRINTS = ("base_fingerprint", "generator_fingerprint")
 
@@ -78,6 +88,7 @@ class Library:
         # (N, r2, d_in).
         self._gates: dict[str, torch.Tensor] | None = None
         self._downs: dict[str, torch.Tensor] | None = None
+        self._behaviour: dict[str, torch.Tensor] = {}  # entry name -> (D,) embedding
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -153,10 +164,14 @@ class Library:
                 state.add_(model.encode(doc, progress=progress)[0])
         gates = AdapterState({n: (s / state.tokens).unsqueeze(0) for n, s in inputs.items()})
         gates.tokens = state.tokens
+        behaviour = AdapterState({"behaviour": embedding.behaviour_of_state(model, state)[None]})
         folder = self.path / ENTRIES / name
         meta = {k: getattr(model, k) for k in FINGERPRINTS}
+        meta["state_sha256"] = state.checksum()
         Session(model, state).save(folder / STATE_FILE)
-        gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND, state_sha256=state.checksum()))
+        gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND))
+        version = embedding.BEHAVIOUR_VERSION
+        behaviour.save(folder / BEHAVIOUR_FILE, dict(meta, kind=BEHAVIOUR_KIND, version=version))
         self._manifest["entries"][name] = {
             "tokens": state.tokens,
             "chunks": state.chunks,
@@ -216,7 +231,11 @@ class Library:
         for name in names:
             checked.load(name)  # refuses damaged or foreign entries before anything is copied
         for name in names:
-            for file in (STATE_FILE, GATES_FILE):
+            checked.behaviour(name)
+        for name in names:
+            for file in (STATE_FILE, GATES_FILE, BEHAVIOUR_FILE):
+                if file == BEHAVIOUR_FILE and not (other.path / ENTRIES / name / file).exists():
+                    continue  # an older entry: computed when needed, as in `other`
                 data = (other.path / ENTRIES / name / file).read_bytes()
                 atomic_write(self.path / ENTRIES / name / file, data)
             self._manifest["entries"][name] = dict(other._manifest["entries"][name])
@@ -258,32 +277,79 @@ class Library:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def embed(self, text: str) -> torch.Tensor:
-        """A fixed-size vector of `text` (a question or a document): per adapted layer the mean
-        of the inputs the layer saw while `text` was read, standardized and scaled to norm
-        1/sqrt(L) (L layers), concatenated: (sum of d_in,) float32. Raises as Session.absorb for
-        empty or non-text input."""
+    def behaviour(self, name: str) -> torch.Tensor:
+        """The entry's behaviour embedding (D,) float32 (embedding.py), read from its file and
+        verified, or computed from its stored state when the entry predates the file.
+
+        Raises NoEntryError, CorruptStateError (a damaged file, or one that is not this state's),
+        IncompatibleStateError (another model's, or made with other probes), as `load`."""
+        if name in self._behaviour:
+            return self._behaviour[name]
+        session, _ = self.load(name)
+        file = self.path / ENTRIES / name / BEHAVIOUR_FILE
+        if not file.exists():
+            vector = embedding.behaviour_of_state(self.model, session.state)
+        else:
+            stored, meta = AdapterState.load(file)
+            if meta.get("kind") != BEHAVIOUR_KIND or stored.sums.keys() != {"behaviour"}:
+                raise CorruptStateError(f"{file}: not a behaviour embedding")
+            if meta.get("state_sha256") != session.state.checksum():
+                raise CorruptStateError(f"{file}: not the behaviour embedding of this entry")
+            if any(meta.get(k) != getattr(self.model, k) for k in FINGERPRINTS):
+                raise IncompatibleStateError(f"{file} was made with another model")
+            if meta.get("version") != embedding.BEHAVIOUR_VERSION:
+                raise IncompatibleStateError(
+                    f"{file} was made with other probes ({meta.get('version')}; these are "
+                    f"{embedding.BEHAVIOUR_VERSION}): delete the file to recompute it"
+                )
+            vector = stored.sums["behaviour"][0]
+        self._behaviour[name] = vector
+        return vector
+
+    def embed(self, text: str, kind: str = "internal") -> torch.Tensor:
+        """A fixed-size vector of `text` (a question, a prompt or a document) in the space of
+        `embeddings(kind)` (embedding.py):
+
+        "internal":  per adapted layer the mean of the inputs the layer saw while `text` was
+                     read, standardized and scaled to norm 1/sqrt(L) (L layers), concatenated:
+                     (sum of d_in,) float32. Raises as Session.absorb for empty or non-text input.
+        "behaviour": the shift of the base's next-token log-distributions at the probe prompts
+                     with `text` placed before each probe: (P * PROJECTION_DIM,) float32, norm 1.
+                     Raises ValueError for an empty text.
+        Raises ValueError for another kind."""
+        embedding.check_kind(kind)
         model = self._need_model()
-        inputs: dict[str, torch.Tensor] = {}
-        with bound(model.binding, input_sums=inputs):
-            state = model.encode(text)[0]
-        return _embedding({n: s / state.tokens for n, s in inputs.items()})
+        if kind == "behaviour":
+            return embedding.behaviour_of_text(model, text)
+        return embedding.internal(embedding.input_means(model, text))
 
-    def embeddings(self) -> tuple[list[str], torch.Tensor]:
-        """Every entry's name and embedding (N, sum of d_in) float32, in the space of `embed`,
-        made from its stored gates alone (so it does not depend on the rest of the library)."""
+    def embeddings(self, kind: str = "internal") -> tuple[list[str], torch.Tensor]:
+        """Every entry's name and embedding (N, D) float32 in the space of `embed(text, kind)`,
+        in name order, each made from that entry's stored files alone (its gates for
+        "internal", its behaviour embedding for "behaviour"), so it does not depend on the rest
+        of the library. Raises ValueError for an unknown kind or an empty library, and what
+        `load` raises for a bad entry."""
+        embedding.check_kind(kind)
+        if kind == "behaviour":
+            self._need_model()
+            if not len(self):
+                raise ValueError(f"the library {self.path} has no entries")
+            names = [e.name for e in self.list()]
+            return names, torch.stack([self.behaviour(n) for n in names])
         self._stack(folds=False)
-        return [e.name for e in self.list()], _embedding(self._gates)
+        return [e.name for e in self.list()], embedding.internal(self._gates)
 
-    def search(self, question: str, k: int = 5) -> list[tuple[str, float]]:
-        """The k entries whose embeddings are nearest `question`'s, best first, with their
-        scores: the mean over adapted layers of the cosine between the question's and the
-        document's standardized mean layer inputs, in [-1, 1]. Raises ValueError for an empty
-        library, k < 1, or an empty question."""
+    def search(self, question: str, k: int = 5, kind: str = "internal") -> list[tuple[str, float]]:
+        """The k entries whose embeddings (of `kind`) are nearest `question`'s, best first, with
+        their scores in [-1, 1]: for "internal" the mean over adapted layers of the cosine
+        between the question's and the document's standardized mean layer inputs, for
+        "behaviour" the mean over probes of the cosine between their projected shifts. Raises
+        ValueError for an unknown kind, an empty library, k < 1, or an empty question."""
+        embedding.check_kind(kind)
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
-        names, docs = self.embeddings()
-        scores = docs @ self.embed(question).to(docs.device)
+        names, docs = self.embeddings(kind)
+        scores = docs @ self.embed(question, kind).to(docs.device)
         top = scores.topk(min(k, len(names)))
         return [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
@@ -301,56 +367,8 @@ class Library:
 
     def _write_manifest(self) -> None:
         self._gates = self._downs = None
+        self._behaviour = {}
         atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
-
-
-class RoutedSession(Session):
-    """A session over a library: chat, generate and logits route each token of each adapted
-    layer to its top-k entries (routing.py). It absorbs nothing itself (add to the library) and
-    has no state to save or export: those raise ValueError."""
-
-    def __init__(self, library: Library, k: int = 2):
-        super().__init__(library.model)
-        self.library = library
-        self.k = k
-
-    def _routing(self):
-        return bound(self.model.binding, routes=self.library.routes(self.k))
-
-    def _run(self, ids: list[int], params) -> Iterable[str]:
-        pieces = super()._run(ids, params)  # lazy: nothing runs until the first piece is asked
-        with self._routing():
-            yield from pieces
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """(b, t, vocab) float32 logits of `input_ids` (b, t) under routing."""
-        with self._routing():
-            return self.model.logits(input_ids, None, attention_mask)
-
-    def score(self, text: str, prefix: str | None = None) -> float:
-        """Mean negative log-likelihood per token of `text` (after `prefix`) under routing, as
-        model.score (which hands a routed session back to this method)."""
-        with self._routing():
-            return self.model.score(text, None, prefix)
-
-    def absorb(self, document: object, progress: bool = False) -> AbsorbStats:
-        raise ValueError("a routed session reads its library: add documents with Library.add")
-
-    def save(self, path: str | os.PathLike) -> Path:
-        raise ValueError("a routed session has no state of its own to save")
-
-    def to_peft(self, folder: str | os.PathLike, merged: bool = False) -> Path:
-        raise ValueError("a routed session is not one LoRA; export the library's entries")
-
-
-def _embedding(means: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer name -> (..., d_in) means (or already standardized gates) -> (..., sum d_in): each
-    standardized (norm sqrt(d_in)), scaled by 1/sqrt(d_in L), concatenated in name order, so a
-    dot product of two embeddings is the mean over layers of the per-layer cosines."""
-    scale = len(means) ** -0.5
-    parts = [standardize(means[n]) * (scale / means[n].shape[-1] ** 0.5) for n in sorted(means)]
-    return torch.cat(parts, dim=-1)
 
 
 def _check_routable(model) -> None:

@@ -225,3 +225,47 @@ def test_corrupt_and_foreign_entries_fail_clearly(random_model, built, tmp_path)
         Library.open(tmp_path / "lib")
     with pytest.raises(FileNotFoundError, match="no library"):
         Library.open(tmp_path / "nowhere", random_model)
+
+
+def test_behaviour_embeddings_are_each_documents_own(random_model, built, tmp_path):
+    from genadapter import embedding
+
+    dim = len(embedding.PROBES) * embedding.PROJECTION_DIM
+    names, docs = built.embeddings(kind="behaviour")
+    assert docs.shape == (len(DOCS), dim) and docs.dtype == torch.float32
+    assert torch.allclose(docs.norm(dim=-1), torch.ones(len(DOCS)), atol=1e-5)
+    # Stored at add time from the document alone: a library holding only it stores the same.
+    alone = Library.create(tmp_path / "alone", random_model)
+    alone.add("bees", DOCS["bees"])
+    assert torch.equal(alone.embeddings("behaviour")[1][0], docs[names.index("bees")])
+    assert (docs[names.index("bees")] - docs[names.index("tax")]).abs().max() > 1e-3
+    # A prompt lands in the same space; deterministic.
+    query = built.embed(QUESTIONS["bees"], kind="behaviour")
+    assert query.shape == (dim,) and torch.equal(query, alone.embed(QUESTIONS["bees"], "behaviour"))
+    found = built.search(QUESTIONS["bees"], k=len(DOCS), kind="behaviour")
+    assert sorted(n for n, _ in found) == sorted(DOCS) and all(-1 <= s <= 1 for _, s in found)
+    for call in (lambda: built.search("x", kind="gates"), lambda: built.embeddings("nope")):
+        with pytest.raises(ValueError, match="unknown embedding kind"):
+            call()
+    with pytest.raises(ValueError, match="unknown embedding kind"):
+        built.embed("x", kind="Behaviour")
+    # An entry without the file (made before it existed) computes the same vector from its state.
+    (alone.path / "entries" / "bees" / "behaviour.safetensors").unlink()
+    again = Library.open(alone.path, random_model)
+    assert torch.allclose(again.embeddings("behaviour")[1][0], docs[names.index("bees")], atol=1e-6)
+
+
+def test_corrupt_behaviour_embedding_fails_clearly(random_model, built, tmp_path):
+    import shutil
+
+    shutil.copytree(built.path, tmp_path / "lib")
+    entries = tmp_path / "lib" / "entries"
+    data = bytearray((entries / "rail" / "behaviour.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (entries / "rail" / "behaviour.safetensors").write_bytes(bytes(data))
+    lib = Library.open(tmp_path / "lib", random_model)
+    with pytest.raises(CorruptStateError, match="checksum mismatch"):
+        lib.search("trains", kind="behaviour")
+    shutil.copy(entries / "bees" / "behaviour.safetensors", entries / "rail")
+    with pytest.raises(CorruptStateError, match="not the behaviour embedding of this entry"):
+        Library.open(tmp_path / "lib", random_model).embeddings("behaviour")

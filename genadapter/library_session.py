@@ -1,0 +1,54 @@
+"""RoutedSession: a session that answers over a library (library.py), every token of every
+adapted layer routed to its top-k entries (routing.py). Imports flow one way: library.py imports
+this module; it uses the library it is given through `routes` alone."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .layers import bound
+from .session import AbsorbStats, Session
+
+
+class RoutedSession(Session):
+    """A session over a library: chat, generate and logits route each token of each adapted
+    layer to its top-k entries (routing.py). It absorbs nothing itself (add to the library) and
+    has no state to save or export: those raise ValueError."""
+
+    def __init__(self, library, k: int = 2):
+        super().__init__(library.model)
+        self.library = library
+        self.k = k
+
+    def _routing(self):
+        return bound(self.model.binding, routes=self.library.routes(self.k))
+
+    def _run(self, ids: list[int], params) -> Iterable[str]:
+        pieces = super()._run(ids, params)  # lazy: nothing runs until the first piece is asked
+        with self._routing():
+            yield from pieces
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(b, t, vocab) float32 logits of `input_ids` (b, t) under routing."""
+        with self._routing():
+            return self.model.logits(input_ids, None, attention_mask)
+
+    def score(self, text: str, prefix: str | None = None) -> float:
+        """Mean negative log-likelihood per token of `text` (after `prefix`) under routing, as
+        model.score (which hands a routed session back to this method)."""
+        with self._routing():
+            return self.model.score(text, None, prefix)
+
+    def absorb(self, document: object, progress: bool = False) -> AbsorbStats:
+        raise ValueError("a routed session reads its library: add documents with Library.add")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        raise ValueError("a routed session has no state of its own to save")
+
+    def to_peft(self, folder: str | os.PathLike, merged: bool = False) -> Path:
+        raise ValueError("a routed session is not one LoRA; export the library's entries")
