@@ -85,6 +85,11 @@ _base_logp: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _projections: dict[int, torch.Tensor] = {}
 
 
+def dimension() -> int:
+    """Size of a behaviour embedding: P * PROJECTION_DIM."""
+    return len(PROBES) * PROJECTION_DIM
+
+
 def check_kind(kind: str) -> str:
     """`kind` itself; ValueError unless it is one of KINDS."""
     if kind not in KINDS:
@@ -95,11 +100,17 @@ def check_kind(kind: str) -> str:
 # -- internal -------------------------------------------------------------------------------------
 
 
-def internal(means: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer name -> (..., d_in) means (or already standardized gates) -> (..., sum d_in) float32:
-    each standardized (norm sqrt(d_in)), scaled by 1/sqrt(d_in L), concatenated in name order."""
+def internal(
+    means: dict[str, torch.Tensor], center: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Layer name -> (..., d_in) mean layer inputs -> (..., sum d_in) float32: each (less the
+    layer's fixed background `center` (d_in,) when given, gates.py) standardized (norm
+    sqrt(d_in)), scaled by 1/sqrt(d_in L), concatenated in name order."""
     scale = len(means) ** -0.5
-    parts = [standardize(means[n]) * (scale / means[n].shape[-1] ** 0.5) for n in sorted(means)]
+    parts = []
+    for n in sorted(means):
+        m = means[n] if center is None else means[n] - center[n]
+        parts.append(standardize(m) * (scale / m.shape[-1] ** 0.5))
     return torch.cat(parts, dim=-1)
 
 

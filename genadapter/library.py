@@ -30,50 +30,41 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import embedding
+from .gates import background
 from .layers import bound
+from .library_entry import (
+    BEHAVIOUR_FILE,
+    FINGERPRINTS,
+    FORMAT,
+    GATES_FILE,
+    STATE_FILE,
+    Entry,
+    NoEntryError,
+    check_name,
+    documents,
+    read_behaviour,
+    read_gates,
+    read_manifest,
+    write_entry,
+)
 from .library_session import RoutedSession
 from .routing import Routes, standardize
 from .session import AbsorbStats, Session
-from .state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
+from .state import CorruptStateError, IncompatibleStateError, atomic_write
 
-FORMAT = "genadapter-library/1"
 MANIFEST = "library.json"
 ENTRIES = "entries"
-STATE_FILE = "state.safetensors"
-GATES_FILE = "gates.safetensors"
-GATES_KIND = "library-gates"
-BEHAVIOUR_FILE = "behaviour.safetensors"
-BEHAVIOUR_KIND = "library-behaviour"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-FINGERPRINTS = ("base_fingerprint", "generator_fingerprint")
-
-
-class NoEntryError(KeyError):
-    """The library has no entry of that name."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass
-class Entry:
-    """One stored document: its name, what was absorbed, when, and its state's checksum."""
-
-    name: str
-    tokens: int
-    chunks: int
-    documents: int
-    added: float
-    state_sha256: str
+# Routing's gates and whether the internal embedding subtracts the same background (gates.py):
+# the variants that measured best (docs/library-notes-embedding.md).
+DEFAULT_GATES = "centred"
+INTERNAL_CENTRED = True
 
 
 class Library:
@@ -86,8 +77,9 @@ class Library:
         self._manifest = manifest
         # Per adapted layer, built on demand: standardized gates (N, d_in), folded deltas
         # (N, r2, d_in).
-        self._gates: dict[str, torch.Tensor] | None = None
+        self._means: dict[str, torch.Tensor] | None = None
         self._downs: dict[str, torch.Tensor] | None = None
+        self._routes: dict[str, dict] = {}  # gate kind -> layer -> (gates, center)
         self._behaviour: dict[str, torch.Tensor] = {}  # entry name -> (D,) embedding
 
     # -- opening --------------------------------------------------------------------------------
@@ -119,7 +111,7 @@ class Library:
             if create and model is not None:
                 return cls.create(path, model)
             raise FileNotFoundError(f"no library at {path} (no {MANIFEST})")
-        manifest = _read_manifest(path / MANIFEST)
+        manifest = read_manifest(path / MANIFEST)
         if model is not None:
             _check_routable(model)
             for key in FINGERPRINTS:
@@ -152,26 +144,18 @@ class Library:
         Raises ValueError for a bad or taken name and, like absorb, for empty or non-text input;
         the library is then unchanged."""
         model = self._need_model()
-        _check_name(name)
+        check_name(name)
         if name in self:
             raise ValueError(f"the library already has an entry {name!r}; remove it first")
-        documents = _documents(document)
+        texts = documents(document)
         start = time.perf_counter()
         state, inputs = model.new_state(), {}
         # The layers add their inputs' sums to `inputs` during the same context pass.
         with bound(model.binding, input_sums=inputs):
-            for doc in documents:
+            for doc in texts:
                 state.add_(model.encode(doc, progress=progress)[0])
-        gates = AdapterState({n: (s / state.tokens).unsqueeze(0) for n, s in inputs.items()})
-        gates.tokens = state.tokens
-        behaviour = AdapterState({"behaviour": embedding.behaviour_of_state(model, state)[None]})
-        folder = self.path / ENTRIES / name
-        meta = {k: getattr(model, k) for k in FINGERPRINTS}
-        meta["state_sha256"] = state.checksum()
-        Session(model, state).save(folder / STATE_FILE)
-        gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND))
-        version = embedding.BEHAVIOUR_VERSION
-        behaviour.save(folder / BEHAVIOUR_FILE, dict(meta, kind=BEHAVIOUR_KIND, version=version))
+        means = {n: s / state.tokens for n, s in inputs.items()}
+        write_entry(self.path / ENTRIES / name, model, state, means)
         self._manifest["entries"][name] = {
             "tokens": state.tokens,
             "chunks": state.chunks,
@@ -204,16 +188,7 @@ class Library:
         checksum = session.state.checksum()
         if checksum != self._manifest["entries"][name]["state_sha256"]:
             raise CorruptStateError(f"{folder}: the state is not the one the manifest recorded")
-        gates, meta = AdapterState.load(folder / GATES_FILE, device=model.device)
-        if meta.get("kind") != GATES_KIND or meta.get("state_sha256") != checksum:
-            raise CorruptStateError(f"{folder / GATES_FILE}: not the gates of this entry's state")
-        for key in FINGERPRINTS:
-            if meta.get(key) != getattr(model, key):
-                raise IncompatibleStateError(f"{folder / GATES_FILE} was made with another model")
-        shapes = {n: (1, d_in) for n, (d_in, _) in model.generator.shapes.items()}
-        if {n: tuple(g.shape) for n, g in gates.sums.items()} != shapes:
-            raise IncompatibleStateError(f"{folder / GATES_FILE} holds gates for other layers")
-        return session, {n: g[0] for n, g in gates.sums.items()}
+        return session, read_gates(folder, model, checksum)
 
     def merge(self, other: Library) -> list[str]:
         """Copy every entry of `other` (a library of the same base and generator, e.g. built in
@@ -228,10 +203,9 @@ class Library:
             raise ValueError(f"both libraries have entries named {', '.join(clash)}")
         checked = Library(other.path, self.model, other._manifest)
         names = [e.name for e in other.list()]
-        for name in names:
-            checked.load(name)  # refuses damaged or foreign entries before anything is copied
-        for name in names:
-            checked.behaviour(name)
+        for name in names:  # refuses damaged or foreign entries before anything is copied
+            session, _ = checked.load(name)
+            read_behaviour(other.path / ENTRIES / name, self.model, session.state.checksum())
         for name in names:
             for file in (STATE_FILE, GATES_FILE, BEHAVIOUR_FILE):
                 if file == BEHAVIOUR_FILE and not (other.path / ENTRIES / name / file).exists():
@@ -244,35 +218,47 @@ class Library:
 
     # -- routing --------------------------------------------------------------------------------
 
-    def routes(self, k: int = 2) -> dict[str, Routes]:
-        """Per adapted layer, the stacked standardized gates and folded deltas of every entry
-        (in name order), for routed decoding; the stacks are cached until the library changes.
+    def routes(self, k: int = 2, gates: str = DEFAULT_GATES) -> dict[str, Routes]:
+        """Per adapted layer, the stacked standardized gates (of kind `gates`: "closed" or
+        "centred", gates.py) and folded deltas of every entry (in name order), for routed
+        decoding; the stacks are cached until the library changes.
 
         Memory: N x r2 x d_in float32 per layer (N entries). Raises ValueError for an empty
-        library or k < 1, and whatever `load` raises for a bad entry."""
+        library, k < 1 or another gate kind, and whatever `load` raises for a bad entry."""
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
+        if gates not in ("closed", "centred"):
+            raise ValueError(f"a library routes with 'closed' or 'centred' gates, not {gates!r}")
         self._stack(folds=True)
-        return {n: Routes(g, self._downs[n], k) for n, g in self._gates.items()}
+        if gates not in self._routes:
+            center = self._center(gates == "centred")
+            self._routes[gates] = {}
+            for n, m in self._means.items():
+                c = None if center is None else center[n]
+                self._routes[gates][n] = (standardize(m if c is None else m - c), c)
+        return {n: Routes(g, self._downs[n], k, c) for n, (g, c) in self._routes[gates].items()}
+
+    def _center(self, centred: bool) -> dict[str, torch.Tensor] | None:
+        return background(self._need_model()) if centred else None
 
     def _stack(self, folds: bool) -> None:
-        """Load and verify every entry once; keep the gates' stacks and, when `folds`, the
-        stacked folded deltas (the larger part, which search does not need)."""
-        if self._gates is not None and (self._downs is not None or not folds):
+        """Load and verify every entry once; keep the stacks of their mean layer inputs (N, d_in)
+        and, when `folds`, of their folded deltas (the larger part, which search does not need)."""
+        if self._means is not None and (self._downs is not None or not folds):
             return
         model = self._need_model()
         if not len(self):
             raise ValueError(f"the library {self.path} has no entries")
-        gates: dict[str, list[torch.Tensor]] = {n: [] for n in model.generator.shapes}
+        means: dict[str, list[torch.Tensor]] = {n: [] for n in model.generator.shapes}
         downs: dict[str, list[torch.Tensor]] = {n: [] for n in model.generator.shapes}
         for entry in self.list():
             session, g = self.load(entry.name)
             folded = model.generator.folded(session.state) if folds else {}
-            for n in gates:
-                gates[n].append(g[n])
+            for n in means:
+                means[n].append(g[n])
                 if folds:
                     downs[n].append(folded[n])
-        self._gates = {n: standardize(torch.stack(v)) for n, v in gates.items()}
+        self._means = {n: torch.stack(v) for n, v in means.items()}
         self._downs = {n: torch.stack(v) for n, v in downs.items()} if folds else None
 
     # -- search ---------------------------------------------------------------------------------
@@ -283,28 +269,14 @@ class Library:
 
         Raises NoEntryError, CorruptStateError (a damaged file, or one that is not this state's),
         IncompatibleStateError (another model's, or made with other probes), as `load`."""
-        if name in self._behaviour:
-            return self._behaviour[name]
-        session, _ = self.load(name)
-        file = self.path / ENTRIES / name / BEHAVIOUR_FILE
-        if not file.exists():
-            vector = embedding.behaviour_of_state(self.model, session.state)
-        else:
-            stored, meta = AdapterState.load(file)
-            if meta.get("kind") != BEHAVIOUR_KIND or stored.sums.keys() != {"behaviour"}:
-                raise CorruptStateError(f"{file}: not a behaviour embedding")
-            if meta.get("state_sha256") != session.state.checksum():
-                raise CorruptStateError(f"{file}: not the behaviour embedding of this entry")
-            if any(meta.get(k) != getattr(self.model, k) for k in FINGERPRINTS):
-                raise IncompatibleStateError(f"{file} was made with another model")
-            if meta.get("version") != embedding.BEHAVIOUR_VERSION:
-                raise IncompatibleStateError(
-                    f"{file} was made with other probes ({meta.get('version')}; these are "
-                    f"{embedding.BEHAVIOUR_VERSION}): delete the file to recompute it"
-                )
-            vector = stored.sums["behaviour"][0]
-        self._behaviour[name] = vector
-        return vector
+        if name not in self._behaviour:
+            session, _ = self.load(name)
+            state = session.state
+            vector = read_behaviour(self.path / ENTRIES / name, self.model, state.checksum())
+            if vector is None:
+                vector = embedding.behaviour_of_state(self.model, state)
+            self._behaviour[name] = vector
+        return self._behaviour[name]
 
     def embed(self, text: str, kind: str = "internal") -> torch.Tensor:
         """A fixed-size vector of `text` (a question, a prompt or a document) in the space of
@@ -321,7 +293,8 @@ class Library:
         model = self._need_model()
         if kind == "behaviour":
             return embedding.behaviour_of_text(model, text)
-        return embedding.internal(embedding.input_means(model, text))
+        means = embedding.input_means(model, text)
+        return embedding.internal(means, self._center(INTERNAL_CENTRED))
 
     def embeddings(self, kind: str = "internal") -> tuple[list[str], torch.Tensor]:
         """Every entry's name and embedding (N, D) float32 in the space of `embed(text, kind)`,
@@ -337,7 +310,9 @@ class Library:
             names = [e.name for e in self.list()]
             return names, torch.stack([self.behaviour(n) for n in names])
         self._stack(folds=False)
-        return [e.name for e in self.list()], embedding.internal(self._gates)
+        return [e.name for e in self.list()], embedding.internal(
+            self._means, self._center(INTERNAL_CENTRED)
+        )
 
     def search(self, question: str, k: int = 5, kind: str = "internal") -> list[tuple[str, float]]:
         """The k entries whose embeddings (of `kind`) are nearest `question`'s, best first, with
@@ -353,10 +328,11 @@ class Library:
         top = scores.topk(min(k, len(names)))
         return [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
-    def session(self, k: int = 2) -> RoutedSession:
-        """A session that answers with every token routed to its top-k entries."""
-        self.routes(k)  # fail now, not at the first token
-        return RoutedSession(self, k)
+    def session(self, k: int = 2, gates: str = DEFAULT_GATES) -> RoutedSession:
+        """A session that answers with every token routed to its top-k entries by `gates`
+        ("closed" or "centred", see `routes`)."""
+        self.routes(k, gates)  # fail now, not at the first token
+        return RoutedSession(self, k, gates)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -366,7 +342,8 @@ class Library:
         return self.model
 
     def _write_manifest(self) -> None:
-        self._gates = self._downs = None
+        self._means = self._downs = None
+        self._routes = {}
         self._behaviour = {}
         atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
 
@@ -374,38 +351,6 @@ class Library:
 def _check_routable(model) -> None:
     if model.generator.head is not None:
         raise ValueError("the adapter library does not route a generator's LM-head adapter yet")
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"entry name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-
-
-def _documents(document: object) -> list[object]:
-    """add's argument as a list of documents for model.encode (files read as UTF-8)."""
-    paths = [document] if isinstance(document, Path) else document
-    if isinstance(paths, (list, tuple)) and paths and all(isinstance(p, Path) for p in paths):
-        return [p.read_text(encoding="utf-8") for p in paths]
-    return [document]
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("entries"), dict)
-        ok = ok and all(isinstance(manifest.get(k), str) for k in FINGERPRINTS)
-        fields = set(Entry.__dataclass_fields__) - {"name"}
-        ok = ok and all(
-            isinstance(e, dict) and e.keys() == fields for e in manifest["entries"].values()
-        )
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise CorruptStateError(f"{path}: not a genadapter library manifest ({e})") from e
-    if not ok:
-        raise CorruptStateError(f"{path}: not a genadapter library manifest")
-    return manifest
 
 
 __all__ = ["Entry", "Library", "NoEntryError", "RoutedSession"]

@@ -19,13 +19,14 @@ class RoutedSession(Session):
     layer to its top-k entries (routing.py). It absorbs nothing itself (add to the library) and
     has no state to save or export: those raise ValueError."""
 
-    def __init__(self, library, k: int = 2):
+    def __init__(self, library, k: int = 2, gates: str = "centred"):
         super().__init__(library.model)
         self.library = library
         self.k = k
+        self.gates = gates
 
     def _routing(self):
-        return bound(self.model.binding, routes=self.library.routes(self.k))
+        return bound(self.model.binding, routes=self.library.routes(self.k, self.gates))
 
     def _run(self, ids: list[int], params) -> Iterable[str]:
         pieces = super()._run(ids, params)  # lazy: nothing runs until the first piece is asked

@@ -7,7 +7,8 @@ by all documents). Its gate g_i (d_in) is the mean of the inputs that layer saw 
 was absorbed (captured in the same context pass: Binding.input_sums, layers.py).
 
 At decode, for each token's layer input x, as PHATGOOSE does with its trained gates:
-    s_i = <std(x), std(g_i)> / sqrt(d_in)     std: zero mean, unit variance over d_in
+    s_i = <std(x - m), std(g_i - m)> / sqrt(d_in)     std: zero mean, unit variance over d_in
+(m: an optional fixed background per layer, the same for every document: gates.py)
     top-k of s, w = softmax over those k
     y = W x + B (sum_j w_j D_{i_j} x)
 Since B is shared, the mixture is taken in the r2-dimensional space before B: one base matmul and
@@ -29,11 +30,14 @@ class Routes:
 
     gates: (N, d_in) float32, standardized (`standardize`) gate of each of the N documents.
     downs: (N, r2, d_in) float32, alpha S_hat_i^T A of each document (Generator.folded).
-    k:     documents mixed per token (at most N are used)."""
+    k:     documents mixed per token (at most N are used).
+    center: (d_in,) float32 background subtracted from each token's input before it is
+           standardized (the gates were made with the same subtracted), or None."""
 
     gates: torch.Tensor
     downs: torch.Tensor
     k: int
+    center: torch.Tensor | None = None
 
 
 def standardize(v: torch.Tensor) -> torch.Tensor:
@@ -43,15 +47,19 @@ def standardize(v: torch.Tensor) -> torch.Tensor:
     return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + STD_EPS)
 
 
-def route(x: torch.Tensor, gates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's top-k documents: x (..., d_in), gates (N, d_in) standardized.
+def route(
+    x: torch.Tensor, gates: torch.Tensor, k: int, center: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k documents: x (..., d_in), gates (N, d_in) standardized, center (d_in,)
+    float32 subtracted from x first when given.
 
     Returns softmax weights (..., k') float32 and document indices (..., k') int64, k' = min(k, N),
     best first. Raises ValueError when k < 1 or there are no gates."""
     n, d = gates.shape
     if k < 1 or n == 0:
         raise ValueError(f"routing needs k >= 1 and at least one document (k={k}, N={n})")
-    scores = standardize(x) @ gates.T / d**0.5
+    xs = standardize(x) if center is None else standardize(x.float() - center)
+    scores = xs @ gates.T / d**0.5
     top, index = scores.topk(min(k, n), dim=-1)
     return torch.softmax(top, dim=-1), index
 
@@ -62,7 +70,7 @@ def mixed_down(x: torch.Tensor, routes: Routes) -> torch.Tensor:
     Few tokens (decode) gather their k documents' D (k r2 d_in reads per token); many tokens
     (a prompt) run one matmul against all N documents' D and pick each token's k rows, which
     reads every D once instead of once per token."""
-    weights, index = route(x, routes.gates, routes.k)
+    weights, index = route(x, routes.gates, routes.k, routes.center)
     n, r2, d = routes.downs.shape
     xf = x.to(routes.downs.dtype)
     if index.numel() < n:
