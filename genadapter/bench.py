@@ -12,6 +12,8 @@ measurements taken side by side in one process (same model, same inputs, alterna
    prompt with its prefix KV cache reused; memory of the state against the KV cache.
 4. batches of N sessions with distinct states decoded together (generate_batch) against the same
    batch with no states, and with the reference delta.
+5. an adapter library: decode with top-k routing over many stored states against one bound state
+   (bench_library.py; `genadapter bench --library` runs this part alone).
 
 Runs unchanged on CUDA (timings synchronize the device)."""
 
@@ -46,11 +48,13 @@ class BenchSize:
     batch_sizes: tuple[int, ...]  # sessions decoded together
     batch_tokens: int
     repeats: int  # best of this many runs of the short measurements
+    library_states: int = 128  # stored states routed over (part 5)
+    library_k: int = 2  # documents mixed per token
 
 
 SIZES = {
     "default": BenchSize(8, 16, (512, 2048, 8192), (1, 8, 32), 16, 2),
-    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1),
+    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1, library_states=4),
 }
 QUESTION = "Which company built the harbour crane, and in which year?"
 
@@ -394,9 +398,11 @@ def machine() -> dict:
 def run_bench(
     model: AdaptedModel, size: str | BenchSize = "default", progress: bool = True
 ) -> dict:
-    """All four measurements; a JSON-ready dict."""
+    """All five measurements; a JSON-ready dict."""
+    from .bench_library import bench_library
+
     size = SIZES[size] if isinstance(size, str) else size
-    steps = 3 + len(size.contexts)
+    steps = 4 + len(size.contexts)
     results = {
         "machine": machine(),
         "device": str(model.device),
@@ -417,6 +423,10 @@ def run_bench(
             results["prompting"].append(bench_prompting(model, size, tokens))
             bar.update()
         results["batch"] = bench_batch(model, size)
+        bar.update()
+        results["library"] = bench_library(
+            model, size.library_states, size.library_k, size.decode_tokens, size.repeats
+        )
         bar.update()
     results["seconds"] = time.perf_counter() - start
     return results
@@ -476,4 +486,8 @@ def format_report(r: dict) -> str:
             f"{b['tokens_per_s_no_states']:8.1f} without  step time ratio {b['step_ratio']:.3f}"
             f" (reference delta {b['reference_step_ratio']:.3f})"
         )
+    if "library" in r:
+        from .bench_library import format_library
+
+        lines += ["", *format_library(r["library"])]
     return "\n".join(lines)

@@ -222,8 +222,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .state import atomic_write
 
     model = load_model(args, dtype=args.dtype)
-    results = run_bench(model, "quick" if args.quick else "default")
-    print(format_report(results))
+    size = "quick" if args.quick else "default"
+    if args.library:  # part 5 alone: routing over an adapter library
+        from . import bench_library
+
+        results = bench_library.run(model, size)
+        print(bench_library.format_report(results))
+    else:
+        results = run_bench(model, size)
+        print(format_report(results))
     out = Path(args.out)
     atomic_write(out, json.dumps(results, indent=1).encode())
     print(f"wrote {out}")
@@ -391,6 +398,12 @@ def _add_bench(sub) -> None:
     add_model_args(p)
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes, seconds, for tests (default: off)"
+    )
+    p.add_argument(
+        "--library",
+        action="store_true",
+        help="only part 5: decode with top-2 routing over 128 stored states against one state "
+        "(default: off, all parts)",
     )
     p.add_argument(
         "--out",

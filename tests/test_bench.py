@@ -46,7 +46,7 @@ def test_bench_command_quick(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    for section in ("1. absorb", "2. decode", "3. against prompting", "4. batched"):
+    for section in ("1. absorb", "2. decode", "3. against prompting", "4. batched", "5. library"):
         assert section in out.stdout
     r = json.loads((tmp_path / "bench.json").read_text())
     # absorb and the plain forward it is compared with ran over the same tokens
@@ -57,3 +57,5 @@ def test_bench_command_quick(tmp_path):
     assert [b["sessions"] for b in r["batch"]] == list(SIZES["quick"].batch_sizes)
     assert all(p["cached_matches_recompute"] for p in r["prompting"])
     assert r["machine"]["torch"] == torch.__version__
+    assert r["library"]["states"] == SIZES["quick"].library_states
+    assert r["library"]["routed_over_one_state"] > 0

@@ -21,6 +21,7 @@ from genadapter.eval.closedbook import closedbook_examples
 from genadapter.eval.completion import completion_documents
 from genadapter.eval.demonstrations import icl_examples
 from genadapter.eval.fictional import long_example, qa_examples
+from genadapter.eval.library_suite import CONDITIONS
 from genadapter.eval.persona import persona_examples
 from genadapter.eval.runner import (
     LIMITS,
@@ -230,6 +231,21 @@ def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
             if name != "prompt":
                 assert record[name]["answer"] == base["answer"], name
                 assert record[name]["term_nll"] == pytest.approx(base["term_nll"], abs=1e-5)
+
+
+def test_library_suite_rows_hold_every_condition(tiny_results):
+    # eval/library_suite.py at tiny: a 2-document library (one corpus, one QA document). With
+    # B = 0 every state and every routing is the base, bit for bit; only prompting differs.
+    rows = tiny_results["suites"]["library"]
+    assert [r["name"] for r in rows] == ["library N=2", "library qa N=2"]
+    for row in rows:
+        assert list(row["methods"]) == list(CONDITIONS)
+        for record in row["records"]:
+            for c in CONDITIONS:
+                if c != "prompt":
+                    assert record[c] == record["base"], c
+        assert set(row["retrieval"]) == {"internal", "behaviour"}
+        assert row["decode"]["ms_per_token"]["routed"] > 0
 
 
 def test_closedbook_documents_are_unrelated_to_their_questions():

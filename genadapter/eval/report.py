@@ -19,7 +19,8 @@ def _cell(value) -> str:
 
 
 def format_table(results: dict) -> str:
-    """One line per suite row and metric; 'recovered' = (adapter - base) / (prompt - base)."""
+    """One line per suite row and metric; 'recovered' = (adapter - base) / (prompt - base). Under
+    the tables, notes: SFT's training, and each row's own "notes" lines when it has some."""
     header = ["suite", "metric", "n", *METHOD_ORDER, "recovered", "adapter s", "prompt s"]
     lines = [header]
     for rows in results["suites"].values():
@@ -62,6 +63,7 @@ def format_table(results: dict) -> str:
                     f"{row['name']}: sft = LoRA fine-tuned {sft['steps']} steps per context, "
                     f"{sft['train_seconds']:.1f} s of training in all"
                 )
+            notes += [f"{row['name']}: {note}" for note in row.get("notes", [])]
     return "\n".join(text + notes)
 
 
@@ -86,7 +88,8 @@ def write_json(results: dict, path: Path) -> Path:
 
 def write_charts(results: dict, folder: Path) -> list[Path]:
     """One PNG per suite: each method's score on every metric of every row, as grouped bars; a
-    suite with methods of its own (vocab) gets one PNG per row, SUITE-METRIC.png."""
+    suite with methods of its own (vocab, library) gets one PNG per headline metric,
+    SUITE-METRIC.png, with the rows of that metric (library: one group per library size)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,8 +99,9 @@ def write_charts(results: dict, folder: Path) -> list[Path]:
     written = []
     charts = []
     for suite, rows in results["suites"].items():
-        if any(n not in METHOD_ORDER for n in _methods(rows)):
-            charts += [(f"{suite}-{row['metric']}", [row]) for row in rows]
+        if any(n not in METHOD_ORDER for n in _methods(rows)):  # one chart per headline metric
+            for metric in dict.fromkeys(row["metric"] for row in rows):
+                charts.append((f"{suite}-{metric}", [r for r in rows if r["metric"] == metric]))
         elif rows:
             charts.append((suite, rows))
     used = {tuple(round(c * 255) for c in matplotlib.colors.to_rgb(v)) for v in COLOURS.values()}

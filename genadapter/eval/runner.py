@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -28,104 +28,24 @@ from .completion import completion_documents
 from .data import Example
 from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
+from .library_suite import suite_library
+from .limits import LIMITS, Limits, resolve_limits  # noqa: F401 (re-exported)
 from .persona import persona_examples
+from .prompts import (
+    QA_INSTRUCTION,
+    chat_ids,  # noqa: F401 (re-exported)
+    chat_message,
+    fit_context,
+    prompt_ids,
+)
+from .prompts import split_seed as _seed
 from .sft import SFTBaseline
-from .vocab import LORA_MERGES, vocab_rows
+from .vocab import vocab_rows
 
 log = logging.getLogger(__name__)
 
-SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook", "vocab")
+SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook", "vocab", "library")
 METHODS = ("base", "prompt", "adapter", "sft")
-QA_INSTRUCTION = "Answer in a few words."
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How much of each suite runs."""
-
-    completion_documents: int
-    completion_context: int  # tokens absorbed / put in the prompt
-    completion_target: int  # tokens scored
-    qa_documents: int
-    qa_questions: int  # per document
-    sft_steps: int
-    longqa_lengths: tuple[int, ...]  # tokens of context in all
-    longqa_questions: int  # per length
-    icl_shots: int
-    icl_queries: int  # per task
-    persona_users: int
-    persona_questions: int  # per user
-    max_new_tokens: int  # for short answers
-    closedbook_questions: int  # general questions, each with an unrelated document absorbed
-    vocab_glossaries: int = 4  # glossaries of rare terms (at least 2, to merge)
-    vocab_terms: int = 3  # per glossary
-    vocab_merges: tuple[str, ...] = LORA_MERGES  # LoRA merge methods compared
-
-
-LIMITS = {
-    "tiny": Limits(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16, 4, 2, 1, ("ties",)),
-    "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
-    "full": Limits(60, 4096, 256, 50, 4, 20, (2048, 8192, 32768), 10, 32, 25, 25, 6, 32, 30, 8, 6),
-}
-
-
-def resolve_limits(limit: str | int | Limits) -> Limits:
-    """A preset name, or an int: that many documents / users / questions per suite, with the
-    'small' preset's other settings."""
-    if isinstance(limit, Limits):
-        return limit
-    if isinstance(limit, str) and limit.isdigit():
-        limit = int(limit)
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        if limit < 1:
-            raise ValueError("--limit must be a preset name or a positive number")
-        return replace(
-            LIMITS["small"],
-            completion_documents=limit,
-            qa_documents=limit,
-            longqa_questions=limit,
-            icl_queries=limit,
-            persona_users=limit,
-            closedbook_questions=limit,
-            vocab_glossaries=max(2, limit),
-        )
-    if limit not in LIMITS:
-        raise ValueError(f"unknown limit {limit!r}; use one of {', '.join(LIMITS)} or a number")
-    return LIMITS[limit]
-
-
-# -- prompts: one function for every method ------------------------------------------------------
-
-
-def chat_message(question: str, context: str | None = None, instruction: str = "") -> str:
-    """The user message of every method. Only prompting passes a context; it goes first, followed
-    by a blank line, so the methods' prompts differ in the context and nothing else."""
-    asked = f"{question} {instruction}" if instruction else question
-    return f"{context}\n\n{asked}" if context else asked
-
-
-def chat_ids(tokenizer, message: str) -> list[int]:
-    """Token ids of a one-message conversation under the chat template, as Session.chat has it."""
-    messages = [{"role": "user", "content": message}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def fit_context(
-    tokenizer, context: str, question: str, instruction: str, budget: int, chat: bool = True
-) -> tuple[str, int]:
-    """The context as prompting sees it: whole if the message fits `budget` tokens, else only its
-    most recent tokens (cut at a token boundary). Returns (text, tokens kept)."""
-    ids = tokenizer.encode(context, add_special_tokens=False)
-    keep = len(ids)
-    while keep > 0:
-        text = context if keep == len(ids) else tokenizer.decode(ids[-keep:])
-        message = chat_message(question, text, instruction)
-        excess = len(prompt_ids(tokenizer, message, chat)) - budget
-        if excess <= 0:
-            return text, keep
-        keep -= excess
-    raise ValueError(f"the question alone does not fit {budget} tokens")
 
 
 # -- answering -----------------------------------------------------------------------------------
@@ -167,11 +87,6 @@ class _Tally:
                 out[name]["seconds"] = m["seconds"]
                 out[name].update((extra or {}).get(name, {}))
         return out
-
-
-def prompt_ids(tokenizer, message: str, chat: bool) -> list[int]:
-    """The ids a message is sent as: under the chat template, or as raw text."""
-    return chat_ids(tokenizer, message) if chat else tokenizer.encode(message)
 
 
 @torch.no_grad()
@@ -423,12 +338,8 @@ SUITE_FUNCTIONS = {
     "persona": suite_persona,
     "closedbook": suite_closedbook,
     "vocab": suite_vocab,
+    "library": suite_library,  # eval/library_suite.py: routed, summed and oracle states
 }
-
-
-def _seed(seed: int, split: str) -> int:
-    """Generated suites: the dev split (periodic evaluation in training) draws other examples."""
-    return seed if split == "test" else seed + 1_000_003
 
 
 def _kilo(tokens: int) -> str:
@@ -461,6 +372,7 @@ def run_suites(
             | {
                 "longqa_lengths": list(limits.longqa_lengths),
                 "vocab_merges": list(limits.vocab_merges),
+                "library_sizes": list(limits.library_sizes),
             },
             "seed": seed,
             "split": split,

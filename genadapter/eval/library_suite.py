@@ -1,0 +1,327 @@
+"""The `library` suite (issue 14): many held-out documents absorbed into one adapter library
+(genadapter.library), and a continuation of, or a question about, one of them under
+
+* base        no context;
+* prompt      that document in the prompt (as the completion and qa suites do);
+* adapter     that document's own state alone: the oracle, which knows which document is meant;
+* sum         the summed state of all N documents (AdapterState.add_: as if one session had
+              absorbed them all);
+* routed k=K  the library's routed session (Library.session(K)): each token, at each adapted
+              layer, mixes its top-K documents by the closed-form gates (PHATGOOSE, Muqeeth et
+              al., arXiv 2402.05859; routing.py).
+
+Documents: corpus documents as the completion suite picks them (the split's documents of the
+installed corpora, round robin, in an order fixed by the seed), cut to `library_context` tokens
+absorbed + `library_target` tokens of continuation scored; every fourth document (the 2nd, 6th,
+...) is a generated QA document (eval/fictional.py, with the split's seed) absorbed whole and asked
+one question (contains-match and token F1 of a greedy answer). Libraries of each size in
+`library_sizes` are nested: each is built in a temporary folder from the previous one
+(Library.merge) plus the next documents, so no document is absorbed twice; the first
+`library_queries` documents are scored under every condition at every size.
+
+Per size N, the rows report perplexity (corpus continuations, token-weighted, lower is better) and
+QA scores per condition, and in "oracle_recovered" the fraction of the oracle's gain over no
+context that each condition recovers, (base - c) / (base - oracle) on perplexity; "retrieval":
+accuracy@1 and @5 of Library.search over all N documents, the query being the first sentence(s)
+of the continuation (corpus) or the question (QA), for each embedding kind the library offers;
+"decode": milliseconds per decoded token routed (k = 2) against the oracle's one state
+(bench_library.routed_against_single)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..library import Library
+from ..session import Session
+from . import metrics
+from .completion import completion_documents
+from .data import Question
+from .fictional import qa_examples
+from .limits import Limits
+from .prompts import QA_INSTRUCTION, chat_message, split_seed
+
+log = logging.getLogger(__name__)
+
+ROUTED_K = (1, 2, 4)
+CONDITIONS = ("base", "prompt", "adapter", "sum", *(f"routed k={k}" for k in ROUTED_K))
+QA_EVERY = 4  # every fourth document is a generated QA document
+DECODE_K = 2  # the routed decode timed against one state
+SEARCH_K = 5
+QUERY_WORDS = (12, 60)  # a continuation's query: whole sentences, at least / at most these words
+QA_METRICS = {"contains": metrics.contains_match, "f1": metrics.token_f1}
+
+
+@dataclass
+class LibraryDocument:
+    """One library entry and what is asked about it."""
+
+    name: str  # the entry's name in the library
+    doc_id: str  # corpus document id, or the generated example's id
+    source: str  # corpus name ("gcide", ...) or "qa"
+    absorbed: str  # the text absorbed (and, for prompting, put in the prompt)
+    context_ids: list[int]  # corpus: the absorbed tokens; QA: empty
+    target_ids: list[int]  # corpus: the continuation scored; QA: empty
+    question: Question | None  # QA: the question asked
+    query: str  # what search is given: the continuation's first sentence(s), or the question
+
+
+def first_sentences(text: str, least: int = QUERY_WORDS[0], most: int = QUERY_WORDS[1]) -> str:
+    """The first words of `text` up to the first sentence end ('.', '?', '!' or ':') after at
+    least `least` words, and at most `most` words."""
+    words = []
+    for word in text.split():
+        words.append(word)
+        if len(words) >= most or (len(words) >= least and word.endswith((".", "?", "!", ":"))):
+            break
+    return " ".join(words)
+
+
+def library_documents(
+    tokenizer, n: int, context: int, target: int, seed: int, split: str
+) -> list[LibraryDocument]:
+    """n documents in library order: every QA_EVERY-th (from the second) a generated QA document,
+    the others corpus documents (completion.completion_documents, so the same picks as that
+    suite); QA documents fill in when the corpora have too few long enough documents.
+
+    Raises FileNotFoundError when no corpus is installed (as the completion suite)."""
+    qa_wanted = sum(1 for i in range(n) if i % QA_EVERY == 1)
+    corpus = completion_documents(tokenizer, n - qa_wanted, context, target, seed, split)
+    examples = iter(qa_examples(n - len(corpus), 1, split_seed(seed, split)))
+    corpus_left = iter(corpus)
+    out: list[LibraryDocument] = []
+    for i in range(n):
+        doc = None if i % QA_EVERY == 1 else next(corpus_left, None)
+        name = f"d{i:04d}"
+        if doc is None:
+            example = next(examples)
+            q = example.questions[0]
+            out.append(LibraryDocument(name, example.id, "qa", example.context, [], [], q, q.text))
+        else:
+            query = first_sentences(tokenizer.decode(doc.target_ids))
+            absorbed = tokenizer.decode(doc.context_ids)
+            source = doc.doc_id.split(":", 1)[0]
+            out.append(
+                LibraryDocument(
+                    name, doc.doc_id, source, absorbed, doc.context_ids, doc.target_ids, None, query
+                )
+            )
+    return out
+
+
+def suite_library(model, limits: Limits, seed: int, split: str, progress: bool) -> list[dict]:
+    """The suite's rows: per library size, one perplexity row (corpus continuations) and one QA
+    row (when QA documents were scored). Everything is built in a temporary folder, deleted at
+    the end; nothing is cached across runs."""
+    sizes = sorted(set(limits.library_sizes))
+    docs = library_documents(
+        model.tokenizer, sizes[-1], limits.library_context, limits.library_target, seed, split
+    )
+    rows: list[dict] = []
+    absorb_seconds = 0.0
+    with tempfile.TemporaryDirectory(prefix="genadapter-library-suite-") as tmp:
+        previous: Library | None = None
+        for n in sizes:
+            library = Library.create(Path(tmp) / f"n{n}", model)
+            if previous is not None:
+                library.merge(previous)
+            start = time.perf_counter()
+            new = docs[len(library) : n]
+            for d in tqdm(new, desc=f"library N={n}", unit="doc", disable=not progress):
+                library.add(d.name, d.absorbed)
+            absorb_seconds += time.perf_counter() - start
+            rows += _evaluate(model, library, docs[:n], limits, absorb_seconds, progress)
+            previous = Library.open(library.path, model)  # a fresh handle: routing stacks freed
+            del library
+    return rows
+
+
+def _evaluate(model, library: Library, docs, limits: Limits, absorb_seconds: float, progress):
+    n = len(docs)
+    summed = model.new_state()
+    for d in docs:
+        summed.add_(library.load(d.name)[0].state)
+    routed = {k: library.session(k) for k in ROUTED_K}
+    nll = {c: 0.0 for c in CONDITIONS}
+    qa = {c: dict.fromkeys(QA_METRICS, 0.0) for c in CONDITIONS}
+    seconds = {c: 0.0 for c in CONDITIONS}
+    corpus_records, qa_records, scored = [], [], 0
+    queried = docs[: limits.library_queries]
+    for d in tqdm(queried, desc=f"library N={n} conditions", unit="doc", disable=not progress):
+        oracle = library.load(d.name)[0].state
+        states = {"base": None, "prompt": None, "adapter": oracle, "sum": summed}
+        record = {"doc_id": d.doc_id, "entry": d.name, "source": d.source}
+        for c in CONDITIONS:
+            k = int(c.split("=")[1]) if c.startswith("routed") else None
+            start = time.perf_counter()
+            if d.question is None:
+                value = _continuation_nll(model, d, c, states.get(c), routed.get(k))
+                nll[c] += value
+                record[c] = {"perplexity": metrics.perplexity([value], [len(d.target_ids) - 1])}
+            else:
+                session = library.session(k) if k else Session(model, states[c])
+                context = d.absorbed if c == "prompt" else None
+                message = chat_message(d.question.text, context, QA_INSTRUCTION)
+                answer = session.chat(message, max_new_tokens=limits.library_new_tokens)
+                record[c] = {"answer": answer}
+                for m, f in QA_METRICS.items():
+                    record[c][m] = metrics.best_of(f, answer, d.question.answers)
+                    qa[c][m] += record[c][m]
+            seconds[c] += time.perf_counter() - start
+        if d.question is None:
+            scored += len(d.target_ids) - 1
+            corpus_records.append(record)
+        else:
+            record |= {"question": d.question.text, "answers": d.question.answers}
+            qa_records.append(record)
+    shared = {
+        "library_documents": n,
+        "absorb_seconds": absorb_seconds,
+        "retrieval": retrieval(library, docs),
+        "decode": _decode(model, library, docs, limits),
+    }
+    rows = []
+    if corpus_records:
+        methods = {c: {"perplexity": metrics.perplexity([nll[c]], [scored])} for c in CONDITIONS}
+        row = _row(f"library N={n}", ["perplexity"], methods, seconds, corpus_records, shared)
+        rows.append(row)
+    if qa_records:
+        m = len(qa_records)
+        methods = {c: {k: v / m for k, v in qa[c].items()} for c in CONDITIONS}
+        rows.append(
+            _row(f"library qa N={n}", list(QA_METRICS), methods, seconds, qa_records, shared)
+        )
+    return rows
+
+
+@torch.no_grad()
+def _continuation_nll(model, d: LibraryDocument, condition: str, state, routed) -> float:
+    """Summed NLL (nats) of the continuation's tokens but its first, under one condition."""
+    target = d.target_ids
+    if condition == "prompt":  # the most recent context that fits the window with the target
+        context = d.context_ids[-(model.max_positions - len(target)) :]
+        ids, first = context + target, len(context) + 1
+    else:
+        ids, first = target, 1
+    x = torch.tensor([ids])
+    logits = routed.logits(x)[0] if routed is not None else model.logits(x, [state])[0]
+    labels = torch.tensor(ids[first:], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits[first - 1 : -1], labels, reduction="sum").item()
+
+
+def _row(name: str, names: list[str], methods, seconds, records, shared) -> dict:
+    """A runner row (runner._row's fields) plus the library's own: oracle_recovered, notes, and
+    the size's retrieval and decode figures."""
+    metric = names[0]
+    for c, values in methods.items():
+        values["seconds"] = seconds[c]
+    methods["adapter"]["absorb_seconds"] = shared["absorb_seconds"]
+    b, p, a = (methods[c] for c in ("base", "prompt", "adapter"))
+    row = {
+        "name": name,
+        "metric": metric,
+        "metrics": names,
+        "higher_is_better": metric != "perplexity",
+        "n": len(records),
+        "methods": methods,
+        "recovered": {k: metrics.recovered_fraction(b[k], p[k], a[k]) for k in names},
+        "oracle_recovered": {
+            c: metrics.recovered_fraction(b[metric], a[metric], v[metric])
+            for c, v in methods.items()
+        },
+        **shared,
+        "records": records,
+    }
+    row["notes"] = _notes(row)
+    return row
+
+
+def _notes(row: dict) -> list[str]:
+    """What the table prints under the suite: oracle's gain recovered, search, decode cost."""
+    cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    gains = ", ".join(f"{c} {cell(v)}" for c, v in row["oracle_recovered"].items() if c != "base")
+    notes = [f"oracle's gain recovered ({row['metric']}): {gains}"]
+    if row["metric"] == "perplexity":  # the library-wide figures once per size
+        for kind, r in row["retrieval"].items():
+            if "error" in r:
+                notes.append(f"search ({kind}): {r['error']}")
+            else:
+                notes.append(
+                    f"search ({kind}) over {row['library_documents']} documents: "
+                    f"acc@1 {r['acc@1']:.3f}, acc@5 {r['acc@5']:.3f} ({r['n']} queries)"
+                )
+        d = row["decode"]
+        notes.append(
+            f"decode: routed k={DECODE_K} {d['ms_per_token']['routed']:.1f} ms/token, one state "
+            f"{d['ms_per_token']['one_state']:.1f} ms, ratio {d['routed_over_one_state']:.2f}"
+        )
+    return notes
+
+
+def search_kinds() -> tuple[str | None, ...]:
+    """The embedding kinds Library.search takes: ("internal", "behaviour") once it has a `kind`
+    argument, else (None,): its one (internal) embedding."""
+    if "kind" in inspect.signature(Library.search).parameters:
+        return ("internal", "behaviour")
+    return (None,)
+
+
+def retrieval(library: Library, docs: list[LibraryDocument]) -> dict[str, dict]:
+    """Per embedding kind: accuracy@1 and @SEARCH_K of Library.search over the whole library,
+    one query per document (its `query`), overall and per source, and each query's rank (1-based,
+    None when not in the top SEARCH_K). A kind whose search fails is reported with its error."""
+    out = {}
+    for kind in search_kinds():
+        label = kind or "internal"
+        search: Callable = library.search
+        kwargs = {} if kind is None else {"kind": kind}
+        try:
+            ranks = []
+            for d in docs:
+                names = [name for name, _ in search(d.query, SEARCH_K, **kwargs)]
+                ranks.append(names.index(d.name) + 1 if d.name in names else None)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            log.warning("library search (%s) failed: %s", label, e)
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        out[label] = _accuracy(ranks) | {
+            "by_source": {
+                s: _accuracy([r for r, d in zip(ranks, docs) if d.source == s])
+                for s in sorted({d.source for d in docs})
+            },
+            "ranks": ranks,
+        }
+    if search_kinds() == (None,):
+        out["behaviour"] = {"error": "not available: Library.search has no `kind` argument yet"}
+    return out
+
+
+def _accuracy(ranks: list[int | None]) -> dict:
+    n = len(ranks)
+    hit = lambda k: sum(r is not None and r <= k for r in ranks) / n  # noqa: E731
+    return {"acc@1": hit(1), f"acc@{SEARCH_K}": hit(SEARCH_K), "n": n}
+
+
+def _decode(model, library: Library, docs: list[LibraryDocument], limits: Limits) -> dict:
+    """Per-token decode time routed (k = DECODE_K) against the first document's state alone,
+    after the first corpus document's first 16 continuation tokens (or a QA question)."""
+    from ..bench_library import routed_against_single
+
+    d = next((x for x in docs if x.target_ids), docs[0])
+    ids = d.target_ids[:16] or model.tokenizer.encode(d.query, add_special_tokens=False)
+    state = library.load(docs[0].name)[0].state
+    tokens = max(2, limits.library_new_tokens)
+    repeats = 2 if tokens >= 8 else 1  # tiny limits: one short, cheap round
+    routes = library.routes(DECODE_K)
+    return routed_against_single(model, ids, routes, state, tokens, repeats) | {
+        "k": DECODE_K,
+        "new_tokens": tokens,
+    }

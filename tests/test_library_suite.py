@@ -1,0 +1,71 @@
+"""The `library` eval suite (eval/library_suite.py) and the routing decode benchmark
+(bench_library.py): true invariants only, on tiny sizes. The suite itself runs at the tiny limit
+with every other suite in test_eval.py (tiny_results), which checks its rows there."""
+
+import math
+
+from genadapter.bench_library import bench_library
+from genadapter.eval.library_suite import (
+    CONDITIONS,
+    ROUTED_K,
+    _continuation_nll,
+    first_sentences,
+    library_documents,
+)
+from genadapter.library import Library
+
+
+def test_first_sentences_ends_at_a_sentence_after_enough_words():
+    text = "one two. three four five six. seven eight nine ten eleven twelve. thirteen"
+    assert first_sentences(text, least=3, most=60) == "one two. three four five six."
+    assert first_sentences(text, least=1, most=60) == "one two."
+    assert first_sentences(text, least=50, most=4) == "one two. three four"
+
+
+def test_library_documents_mix_corpus_and_qa_documents_in_a_fixed_order(model):
+    docs = library_documents(model.tokenizer, 6, 32, 12, seed=0, split="test")
+    again = library_documents(model.tokenizer, 6, 32, 12, seed=0, split="test")
+    assert [d.doc_id for d in docs] == [d.doc_id for d in again]
+    assert [d.source == "qa" for d in docs] == [False, True, False, False, False, True]
+    assert [d.name for d in docs] == [f"d{i:04d}" for i in range(6)]
+    for d in docs:
+        if d.source == "qa":
+            assert d.question is not None and d.query == d.question.text and not d.target_ids
+        else:
+            assert len(d.target_ids) == 12 and 16 <= len(d.context_ids) <= 32
+            assert d.query and d.query.split()[0] in model.tokenizer.decode(d.target_ids)
+
+
+def test_routing_over_one_document_is_its_oracle_exactly(random_model, tmp_path):
+    # One stored document: every routed k, the sum of all states and the oracle are one state.
+    doc = library_documents(random_model.tokenizer, 1, 32, 12, seed=0, split="test")[0]
+    library = Library.create(tmp_path / "lib", random_model)
+    library.add(doc.name, doc.absorbed)
+    oracle = library.load(doc.name)[0].state
+    summed = random_model.new_state().add_(oracle)
+    nll = {
+        "base": _continuation_nll(random_model, doc, "base", None, None),
+        "adapter": _continuation_nll(random_model, doc, "adapter", oracle, None),
+        "sum": _continuation_nll(random_model, doc, "sum", summed, None),
+    }
+    for k in ROUTED_K:
+        nll[f"routed k={k}"] = _continuation_nll(
+            random_model, doc, f"routed k={k}", None, library.session(k)
+        )
+    assert set(nll) == set(CONDITIONS) - {"prompt"}
+    assert nll["base"] != nll["adapter"]  # the random generator's states change the scores
+    for condition, value in nll.items():
+        if condition != "base":
+            assert value == nll["adapter"], condition
+
+
+def test_bench_library_times_routing_and_one_state(random_model):
+    r = bench_library(random_model, 3, 2, new_tokens=3, repeats=1, prompt_tokens=8, real_tokens=16)
+    assert r["states"] == 3 and r["k"] == 2
+    for value in (*r["ms_per_token"].values(), r["routed_over_one_state"]):
+        assert math.isfinite(value) and value > 0
+    assert set(r["ms_per_token"]) == {"routed", "one_state", "no_state"}
+    # 3 stacked deltas and gates per adapted layer
+    shapes = random_model.generator.shapes
+    r2 = next(iter(random_model.generator.state_shapes().values()))[1]
+    assert r["routes_bytes"] == 4 * 3 * sum(d_in * (r2 + 1) for d_in, _ in shapes.values())
