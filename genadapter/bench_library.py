@@ -54,8 +54,9 @@ def synthetic_routes(
 ) -> tuple[dict[str, Routes], AdapterState]:
     """Routes over `states` stored documents (see the module's docstring) and one real state.
 
-    Per adapted layer: gates (N, d_in) standardized, downs (N, r2, d_in) float32 on the model's
-    device; N r2 sum(d_in) floats in all (about 8 MiB per state for the default generator).
+    Per adapted layer: gates (N, d_in) standardized, downs (N, r2, d_in) float32 and a centre
+    (d_in,) on the model's device; N r2 sum(d_in) floats in all (about 8 MiB per state for the
+    default generator).
     Raises ValueError for states < 1 or k < 1."""
     if states < 1 or k < 1:
         raise ValueError(f"need at least one state and k >= 1 (states={states}, k={k})")
@@ -71,7 +72,11 @@ def synthetic_routes(
     routes = {}
     for name in model.generator.shapes:
         gates = jittered([gate[name] for _, gate in real])
-        routes[name] = Routes(standardize(gates), jittered([f[name] for f in folded]), k)
+        # A background subtracted from every token's input, as the library's default "centred"
+        # gates do (gates.py); here the real gates' mean, which costs the same.
+        center = torch.stack([gate[name] for _, gate in real]).mean(0).float().to(model.device)
+        downs = jittered([f[name] for f in folded])
+        routes[name] = Routes(standardize(gates - center), downs, k, center)
     return routes, real[0][0]
 
 
