@@ -27,6 +27,7 @@ from ..model import AdaptedModel
 from ..text import chunked, token_stream
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
+from .libraries import DEFAULT_K, LibraryStore, library_router
 from .store import DocumentInfo, SessionNameTaken, SessionStore, UnknownSession
 from .validation import ChatRequest, DocumentBody, SessionBody
 from .worker import ModelWorker
@@ -63,6 +64,7 @@ def create_app(
     config = config or ServerConfig()
     store = SessionStore(store_dir, model)
     worker = ModelWorker(model, config.max_batch, config.encode_chunks_per_turn)
+    libraries = LibraryStore(store_dir, model, worker)
     tokenizer = model.tokenizer
     model_name = model.base_name
     base_ids = base_model_ids(model_name)
@@ -195,6 +197,28 @@ def create_app(
 
     # -- chat --
 
+    async def chat_library(body: ChatRequest) -> tuple[dict | None, str | None]:
+        """The routes of a chat over a library (None: no `library` given) and the library's
+        name. 400 when the request also names a session, 404 for an unknown library or model."""
+        if body.library is None:
+            if body.library_k is not None:
+                raise ApiError(422, "library_k: needs library", "invalid_body", "library_k")
+            return None, None
+        clash = "session_id" if body.session_id is not None else None
+        if clash is None and not is_base(body.model):
+            try:
+                await in_thread(store.find, body.model)
+                clash = "model"
+            except UnknownSession:
+                raise ApiError(
+                    404, f"the model {body.model!r} does not exist", "model_not_found", "model"
+                ) from None
+        if clash is not None:
+            message = f"give a library or a session, not both ({clash} names a session)"
+            raise ApiError(400, message, "library_and_session", clash)
+        k = DEFAULT_K if body.library_k is None else body.library_k
+        return await in_thread(libraries.routes, body.library, k), body.library
+
     async def chat_session(body: ChatRequest) -> tuple[str | None, str]:
         """The session a chat runs under (None: the base model), and the model name to echo."""
         session_id = None
@@ -237,13 +261,14 @@ def create_app(
 
     @api.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        session_id, echoed = await chat_session(body)
+        routes, library = await chat_library(body)
+        session_id, echoed = (None, model_name) if routes is not None else await chat_session(body)
         state = None if session_id is None else await in_thread(store.state, session_id)
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
         prompt = await in_thread(template, messages)
         params, adjust = body.sampling(answer_length(body, prompt), worker.vocab_size)
         check_capacity()
-        job = worker.chat(prompt, state, params, adjust)
+        job = worker.chat(prompt, state, params, adjust, routes)
         completion = Completion(job, worker, tokenizer, params.stop)
         meta = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
@@ -269,6 +294,7 @@ def create_app(
             **meta,
             "object": "chat.completion",
             "session_id": session_id,
+            **({"library": library} if library else {}),
             "choices": [
                 {
                     "index": 0,
@@ -312,6 +338,17 @@ def create_app(
                 return card
         raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
 
+    api.include_router(
+        library_router(
+            libraries,
+            worker,
+            in_thread,
+            read_document,
+            check_capacity,
+            config.max_document_bytes,
+            config.max_document_tokens,
+        )
+    )
     app = FastAPI(title="genadapter", lifespan=lifespan)
     app.include_router(api)
     app.state.store, app.state.worker, app.state.config = store, worker, config

@@ -47,6 +47,8 @@ class ChatJob:
     state: AdapterState | None
     params: SamplingParams
     adjust: LogitAdjust | None = None
+    # Layer name -> Routes: a chat routed over a library (routed.py) instead of one state.
+    routes: dict | None = None
     tokens: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # set by the reader (client gone, stop string seen)
 

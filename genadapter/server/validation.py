@@ -57,6 +57,9 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     model: str | None = Field(None, max_length=256)
     session_id: str | None = Field(None, max_length=256)
+    # A library to route over instead of a session, mixing library_k documents per token.
+    library: str | None = Field(None, max_length=256)
+    library_k: int | None = Field(None, ge=1, le=64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from ..generation import _eos_ids as end_of_sequence_ids
 from ..model import AdaptedModel
 from ..state import AdapterState
 from . import kvcache
+from .routed import RoutedChats
 from .sampling import ChatJob, Finished, LogitAdjust, Row
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,24 @@ class _EncodeJob:
     state: AdapterState
 
 
+@dataclass
+class _CallJob:
+    fn: Callable
+    future: Future
+
+
 class ModelWorker:
     """The model thread: chats batched step by step, documents encoded between the steps."""
 
-    def __init__(self, model: AdaptedModel, max_batch: int = 32, encode_chunks_per_turn: int = 1):
+    def __init__(self, model: AdaptedModel, max_batch=32, encode_chunks_per_turn=1, max_routed=8):
         self.model = model
         self.max_batch = max_batch
         self.encode_chunks_per_turn = encode_chunks_per_turn
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[ChatJob] = deque()
         self._encodes: deque[_EncodeJob] = deque()
+        self._calls: deque[_CallJob] = deque()
+        self.routed = RoutedChats(self, max_routed)  # chats routed over a library
         self._rows: list[Row] = []
         self._admitting = 0  # chats in their prefill, between the waiting queue and the batch
         self._cache: DynamicCache | None = None
@@ -87,9 +97,9 @@ class ModelWorker:
 
     @property
     def pending(self) -> int:
-        """Chats admitted or waiting, and documents being encoded."""
-        queued = self._inbox.qsize() + len(self._waiting) + len(self._encodes)
-        return queued + self._admitting + len(self._rows)
+        """Chats admitted or waiting, documents being encoded, and calls waiting."""
+        queued = self._inbox.qsize() + len(self._waiting) + len(self._encodes) + len(self._calls)
+        return queued + self._admitting + len(self._rows) + len(self.routed)
 
     # -- requests (any thread) ----------------------------------------------------------------
 
@@ -99,11 +109,16 @@ class ModelWorker:
         state: AdapterState | None,
         params: SamplingParams,
         adjust: LogitAdjust | None = None,
+        routes: dict | None = None,
     ) -> ChatJob:
-        """Queue a chat; its tokens, then one Finished, arrive on the job's queue."""
+        """Queue a chat; its tokens, then one Finished, arrive on the job's queue. With `routes`
+        (Library.routes: layer name -> Routes) and no state, the chat is routed over a library
+        (routed.py) instead of running under one state."""
         if not prompt:
             raise ValueError("empty prompt")
-        job = ChatJob(list(prompt), state, params, adjust)
+        if routes is not None and state is not None:
+            raise ValueError("a chat runs under one state or is routed, not both")
+        job = ChatJob(list(prompt), state, params, adjust, routes)
         self._inbox.put(job)
         return job
 
@@ -113,23 +128,37 @@ class ModelWorker:
         self._inbox.put(job)
         return job.future
 
+    def call(self, fn: Callable) -> Future:
+        """Future of `fn()` run whole in the model thread between two decode steps (the chats
+        wait): work with forwards of its own (a library's add, search), which must not overlap
+        the batch's, as all forwards share the layers' binding. Its exception goes to the future."""
+        job = _CallJob(fn, Future())
+        self._inbox.put(job)
+        return job.future
+
     # -- the loop (model thread) --------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping:
-            idle = not (self._rows or self._waiting or self._encodes)
+            idle = not (self._rows or self._waiting or self._encodes or self._calls)
+            idle = idle and not self.routed
             self._take_inbox(block=idle)
             if self._stopping:
                 break
             self._guarded(self._admit, list(self._waiting)[: self._free_rows()])
             self._guarded(self._decode_step, [])
+            self.routed.turn()
             self._encode_turn()
+            self._call_turn()
+        self.routed.stop()
         for row in self._rows:
             row.job.tokens.put(Finished("cancelled"))
         for job in [*self._waiting, *self._drain_inbox()]:
             if isinstance(job, ChatJob):
                 job.tokens.put(Finished("cancelled"))
-        for enc in self._encodes:
+            elif isinstance(job, (_EncodeJob, _CallJob)):
+                job.future.set_exception(ServerShuttingDown("the server is shutting down"))
+        for enc in [*self._encodes, *self._calls]:
             enc.future.set_exception(ServerShuttingDown("the server is shutting down"))
 
     def _take_inbox(self, block: bool) -> None:
@@ -139,10 +168,14 @@ class ModelWorker:
             return
         items = [item, *self._drain_inbox()]
         for item in items:
-            if isinstance(item, ChatJob):
+            if isinstance(item, ChatJob) and item.routes is not None:
+                self.routed.waiting.append(item)
+            elif isinstance(item, ChatJob):
                 self._waiting.append(item)
             elif isinstance(item, _EncodeJob) and item.future.set_running_or_notify_cancel():
                 self._encodes.append(item)
+            elif isinstance(item, _CallJob) and item.future.set_running_or_notify_cancel():
+                self._calls.append(item)
 
     def _drain_inbox(self) -> list:
         items = []
@@ -364,3 +397,14 @@ class ModelWorker:
             return
         job.state.documents = 1
         job.future.set_result(job.state)
+
+    def _call_turn(self) -> None:
+        if not self._calls:
+            return
+        job = self._calls.popleft()
+        try:
+            result = job.fn()
+        except BaseException as e:  # the caller's failure: it goes to the caller alone
+            job.future.set_exception(e)
+            return
+        job.future.set_result(result)

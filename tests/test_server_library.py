@@ -1,0 +1,230 @@
+"""The server's adapter-library endpoints (genadapter/server/libraries.py) and chats routed over a
+library (routed.py), on the default base with a random generator, as tests/test_server.py. Tiny
+documents and short answers: these tests must stay fast."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from genadapter.generation import SamplingParams
+from genadapter.library import Library
+from genadapter.server.app import ServerConfig, create_app
+from genadapter.server.worker import ModelWorker
+
+from .test_library import DOCS, QUESTIONS
+from .test_server import (
+    AUTH,
+    CHAT,
+    KEY,
+    TIMEOUT,
+    ask,
+    drain,
+    new_session,
+    prompt_ids,
+    reference_answer,
+    running,
+    saved_state,
+)
+
+LIB = "/v1/libraries"
+
+
+@pytest.fixture(scope="module")
+def server(random_model, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    config = ServerConfig(
+        api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8
+    )
+    app = create_app(random_model, store, config)
+    with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as http:
+        yield SimpleNamespace(url=url, app=app, store=store, http=http)
+
+
+@pytest.fixture(scope="module")
+def one(server, random_model) -> Library:
+    """The server's library "one", with one entry ("bees"), opened here as well (read only)."""
+    new_library(server, "one", bees=DOCS["bees"])
+    return Library.open(server.store / "libraries" / "one", random_model)
+
+
+def new_library(server, name: str, **entries: str) -> None:
+    r = server.http.post(LIB, json={"name": name})
+    assert r.status_code == 201, r.text
+    for entry, text in entries.items():
+        r = server.http.post(f"{LIB}/{name}/documents", json={"text": text, "name": entry})
+        assert r.status_code == 201, r.text
+
+
+def assert_error(r: httpx.Response, status: int, code: str, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_library_create_add_list_search_remove_round_trip(server):
+    r = server.http.post(LIB, json={"name": "manuals"})
+    assert r.status_code == 201, r.text
+    assert r.json() == {
+        "object": "library",
+        "name": "manuals",
+        "entry_count": 0,
+        "tokens": 0,
+        "entries": [],
+    }
+    r = server.http.post(f"{LIB}/manuals/documents", json={"text": DOCS["bees"], "name": "bees"})
+    assert r.status_code == 201, r.text
+    assert r.json()["entry"]["name"] == "bees" and r.json()["entry"]["tokens"] > 10
+    r = server.http.post(  # text/plain, the entry's name in the query
+        f"{LIB}/manuals/documents?name=ocean",
+        content=DOCS["ocean"].encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert r.status_code == 201, r.text
+    listed = server.http.get(LIB).json()["data"]
+    (manuals,) = [d for d in listed if d["name"] == "manuals"]
+    assert manuals["entry_count"] == 2 and "entries" not in manuals
+    info = server.http.get(f"{LIB}/manuals").json()
+    assert [e["name"] for e in info["entries"]] == ["bees", "ocean"]
+    assert info["tokens"] == sum(e["tokens"] for e in info["entries"])
+    for entry, other in (("bees", "ocean"), ("ocean", "bees")):
+        r = server.http.post(f"{LIB}/manuals/search", json={"query": QUESTIONS[entry], "k": 2})
+        assert r.status_code == 200, r.text
+        hits = r.json()["data"]
+        assert [h["name"] for h in hits] == [entry, other]
+        assert [h["rank"] for h in hits] == [1, 2] and hits[0]["score"] >= hits[1]["score"]
+    r = server.http.post(f"{LIB}/manuals/documents", json={"text": "again", "name": "bees"})
+    assert_error(r, 409, "entry_name_taken", "name")
+    r = server.http.delete(f"{LIB}/manuals/documents/ocean")
+    assert r.status_code == 200 and r.json()["deleted"], r.text
+    assert [e["name"] for e in server.http.get(f"{LIB}/manuals").json()["entries"]] == ["bees"]
+    assert_error(server.http.delete(f"{LIB}/manuals/documents/ocean"), 404, "entry_not_found")
+    assert_error(server.http.post(LIB, json={"name": "manuals"}), 409, "library_name_taken")
+    r = server.http.delete(f"{LIB}/manuals")
+    assert r.status_code == 200 and r.json()["deleted"], r.text
+    assert_error(server.http.get(f"{LIB}/manuals"), 404, "library_not_found")
+    assert "manuals" not in [d["name"] for d in server.http.get(LIB).json()["data"]]
+    assert not list((server.store / "libraries").iterdir())  # nothing left behind
+
+
+def test_routed_chat_over_one_entry_is_that_entrys_session(server, random_model, one):
+    messages = ask("What do the workers do?")
+    session, _ = one.load("bees")
+    expected = reference_answer(random_model, session.state, messages, 4)
+    body = {"messages": messages, "library": "one", "max_tokens": 4, "temperature": 0}
+    r = server.http.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    assert r.json()["library"] == "one" and r.json()["session_id"] is None
+    with server.http.stream("POST", CHAT, json={**body, "stream": True, "library_k": 1}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert not [e for e in events if "error" in e]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, code, param",
+    [
+        ("post", LIB, {"name": "-dash"}, 422, "invalid_body", "name"),
+        ("post", LIB, {"name": "a/b"}, 422, "invalid_body", "name"),
+        ("post", LIB, {"name": "x" * 65}, 422, "invalid_body", "name"),
+        ("post", LIB, {}, 422, "invalid_body", "name"),
+        ("get", f"{LIB}/nowhere", None, 404, "library_not_found", "library"),
+        ("get", f"{LIB}/..", None, 404, None, None),
+        ("delete", f"{LIB}/nowhere", None, 404, "library_not_found", "library"),
+        ("post", f"{LIB}/nowhere/search", {"query": "q"}, 404, "library_not_found", "library"),
+        ("post", f"{LIB}/empty/search", {"query": "q"}, 409, "library_empty", "library"),
+        ("post", f"{LIB}/empty/search", {"query": "q", "k": 0}, 422, "invalid_body", "k"),
+        ("post", f"{LIB}/empty/search", {"query": ""}, 422, "invalid_body", "query"),
+        ("post", f"{LIB}/empty/documents", {"text": "hi"}, 422, "invalid_body", "name"),
+        ("post", f"{LIB}/empty/documents", {"text": "hi", "name": "../x"}, 422, None, "name"),
+        ("post", f"{LIB}/empty/documents", {"text": "", "name": "e"}, 422, None, None),
+        ("delete", f"{LIB}/empty/documents/nothing", None, 404, "entry_not_found", None),
+        ("chat", {"library": "nowhere"}, None, 404, "library_not_found", "library"),
+        ("chat", {"library": "../store"}, None, 404, "library_not_found", "library"),
+        ("chat", {"library": "empty"}, None, 409, "library_empty", "library"),
+        ("chat", {"library": "empty", "library_k": 0}, None, 422, "invalid_body", "library_k"),
+        ("chat", {"library": "empty", "library_k": 65}, None, 422, "invalid_body", "library_k"),
+        ("chat", {"library_k": 2}, None, 422, "invalid_body", "library_k"),
+        ("chat", {"library": "empty", "model": "nope"}, None, 404, "model_not_found", "model"),
+        ("chat", {"library": "empty", "session_id": "SID"}, None, 400, "library_and_session", None),
+        ("chat", {"library": "empty", "model": "SID"}, None, 400, "library_and_session", "model"),
+    ],
+)
+def test_bad_library_requests_get_the_error_shape(server, method, path, body, status, code, param):
+    if server.http.get(f"{LIB}/empty").status_code == 404:
+        assert server.http.post(LIB, json={"name": "empty"}).status_code == 201
+    if method == "chat":  # `path` holds the chat's extra fields
+        fields = dict(path)
+        for key in ("session_id", "model"):
+            if fields.get(key) == "SID":
+                fields[key] = new_session(server)
+        r = server.http.post(CHAT, json={"messages": ask("hi"), "max_tokens": 2, **fields})
+    else:
+        r = server.http.request(method.upper(), path, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["message"] and (code is None or error["code"] == code), error
+    assert param is None or error["param"] == param, error
+
+
+def test_a_bad_library_request_leaves_another_users_chat_alone(server, random_model, one):
+    """A chat over a library whose entry is damaged fails with the error shape (a 500
+    corrupt_state, from the request's own thread) while another user's streamed answer goes on."""
+    damaged = server.store / "libraries" / "damaged"
+    shutil.copytree(one.path, damaged)
+    state = damaged / "entries" / "bees" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF
+    state.write_bytes(bytes(data))
+    sid = new_session(server, DOCS["ocean"])
+    messages = ask("Describe the ocean.")
+    expected = reference_answer(random_model, saved_state(random_model, server, sid), messages, 4)
+    body = {"messages": messages, "session_id": sid, "max_tokens": 4, "temperature": 0}
+    with server.http.stream("POST", CHAT, json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = next(lines)  # under way
+        bad = server.http.post(CHAT, json={"messages": ask("hi"), "library": "damaged"})
+        rest = [line for line in lines if line]
+    assert_error(bad, 500, "corrupt_state")
+    events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert not [e for e in events if "error" in e]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected
+
+
+def test_the_worker_fails_only_the_routed_chat_that_failed(random_model, one):
+    """Routed chats run as rows of their own: broken routes fail that chat alone, in its
+    prefill or in a decode step, while a batched chat and a good routed chat go on."""
+    routes = one.routes(2)
+    prompt = prompt_ids(random_model, ask("Tell me about bees."))
+    params = SamplingParams(max_new_tokens=3)
+    session, _ = one.load("bees")
+    worker = ModelWorker(random_model, max_batch=4).start()
+    try:
+        batched = worker.chat(prompt, session.state, params)
+        good = worker.chat(prompt, None, params, routes=routes)
+        at_prefill = worker.chat(prompt, None, params, routes={})  # no layer's routes
+        later = dict(routes)
+        long = SamplingParams(max_new_tokens=200)
+        at_step = worker.chat(prompt, None, long, routes=later)
+        at_step.tokens.get(timeout=TIMEOUT)  # prefilled; its next step fails
+        later.clear()
+        ends = [drain(job) for job in (batched, good, at_prefill, at_step)]
+        assert worker.alive
+    finally:
+        worker.stop()
+    (batched_tokens, batched_end), (good_tokens, good_end), prefill, step = ends
+    assert (len(good_tokens), good_end.reason) == (3, "length")
+    assert (batched_tokens, batched_end.reason) == (good_tokens, "length")  # one entry: the same
+    assert prefill[1].reason == "error" and prefill[1].error.startswith("KeyError")
+    assert step[1].reason == "error" and step[1].error.startswith("KeyError")
+    assert worker.pending == 0
