@@ -140,8 +140,7 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while not self._stopping:
-            idle = not (self._rows or self._waiting or self._encodes or self._calls)
-            idle = idle and not self.routed
+            idle = not (self._rows or self._waiting or self._encodes or self._calls or self.routed)
             self._take_inbox(block=idle)
             if self._stopping:
                 break
@@ -399,12 +398,9 @@ class ModelWorker:
         job.future.set_result(job.state)
 
     def _call_turn(self) -> None:
-        if not self._calls:
-            return
-        job = self._calls.popleft()
-        try:
-            result = job.fn()
-        except BaseException as e:  # the caller's failure: it goes to the caller alone
-            job.future.set_exception(e)
-            return
-        job.future.set_result(result)
+        if self._calls:
+            job = self._calls.popleft()
+            try:
+                job.future.set_result(job.fn())
+            except BaseException as e:  # the caller's failure: it goes to the caller alone
+                job.future.set_exception(e)
