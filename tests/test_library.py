@@ -8,7 +8,7 @@ import torch
 
 from genadapter.layers import routed_linear
 from genadapter.library import MANIFEST, Library
-from genadapter.routing import Routes, mixed_down, standardize
+from genadapter.routing import Routes, mixed_down, route, standardize
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
 from .conftest import DOCUMENT
@@ -137,6 +137,11 @@ def test_routing_mixes_each_tokens_top_k(random_model, built):
     logits = {k: built.session(k=k).logits(ids) for k in (1, 2, 3)}
     assert (logits[1] - logits[2]).abs().max() > 1e-3
     assert (logits[2] - logits[3]).abs().max() > 1e-3
+    # The default gates are centred on a fixed background; the plain closed form routes otherwise.
+    assert built.session(k=1).gates == "centred"
+    assert (built.session(k=1, gates="closed").logits(ids) - logits[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="'closed' or 'centred'"):
+        built.session(k=1, gates="trained")
     for name in DOCS:  # no single entry's session gives the routed answer
         s, _ = built.load(name)
         assert (random_model.logits(ids, [s.state]) - logits[2]).abs().max() > 1e-3
@@ -169,6 +174,7 @@ def test_routed_linear_against_a_token_by_token_reference():
     B = torch.randn(d_out, r2, generator=g)
     routes = Routes(standardize(torch.randn(n, d_in, generator=g)), torch.randn(n, r2, d_in), 2)
     x = torch.randn(2, 7, d_in, generator=g)
+    center = torch.randn(d_in, generator=g)
     with torch.no_grad():
         got = routed_linear(x, base, routes, B)
         want = torch.empty_like(got)
@@ -181,6 +187,11 @@ def test_routed_linear_against_a_token_by_token_reference():
                 delta = sum(w[j] * B @ (routes.downs[top[j]] @ x[b, t]) for j in range(2))
                 want[b, t] = base(x[b, t]) + delta
     assert (got - want).abs().max() < 1e-4  # float32, sums of 16 and 4 terms
+    # A background center is subtracted from each token's input before it is standardized.
+    w, i = route(x, routes.gates, 2, center)
+    w0, i0 = route(x - center, routes.gates, 2)
+    assert torch.equal(i, i0) and torch.allclose(w, w0, atol=1e-6)
+    assert not torch.equal(i, route(x, routes.gates, 2)[1])
     # Few tokens gather their k documents' D instead of multiplying by all N: the same mix.
     one = x[:, :1]
     assert (
