@@ -63,8 +63,8 @@ MANIFEST = "library.json"
 ENTRIES = "entries"
 # Routing's gates and whether the internal embedding subtracts the same background (gates.py):
 # the variants that measured best (docs/library-notes-embedding.md).
-DEFAULT_GATES = "centred"
-INTERNAL_CENTRED = True
+DEFAULT_GATES = "closed"
+INTERNAL_CENTRED = False
 
 
 class Library:

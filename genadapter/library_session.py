@@ -19,7 +19,7 @@ class RoutedSession(Session):
     layer to its top-k entries (routing.py). It absorbs nothing itself (add to the library) and
     has no state to save or export: those raise ValueError."""
 
-    def __init__(self, library, k: int = 2, gates: str = "centred"):
+    def __init__(self, library, k: int = 2, gates: str = "closed"):
         super().__init__(library.model)
         self.library = library
         self.k = k

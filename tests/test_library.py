@@ -137,9 +137,9 @@ def test_routing_mixes_each_tokens_top_k(random_model, built):
     logits = {k: built.session(k=k).logits(ids) for k in (1, 2, 3)}
     assert (logits[1] - logits[2]).abs().max() > 1e-3
     assert (logits[2] - logits[3]).abs().max() > 1e-3
-    # The default gates are centred on a fixed background; the plain closed form routes otherwise.
-    assert built.session(k=1).gates == "centred"
-    assert (built.session(k=1, gates="closed").logits(ids) - logits[1]).abs().max() > 1e-3
+    # The default gates are the closed form; centred on a fixed background they route otherwise.
+    assert built.session(k=1).gates == "closed"
+    assert (built.session(k=1, gates="centred").logits(ids) - logits[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="'closed' or 'centred'"):
         built.session(k=1, gates="trained")
     for name in DOCS:  # no single entry's session gives the routed answer
