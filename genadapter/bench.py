@@ -50,11 +50,12 @@ class BenchSize:
     repeats: int  # best of this many runs of the short measurements
     library_states: int = 128  # stored states routed over (part 5)
     library_k: int = 2  # documents mixed per token
+    library_real_tokens: int = 128  # tokens absorbed per real state the stored ones are made from
 
 
 SIZES = {
     "default": BenchSize(8, 16, (512, 2048, 8192), (1, 8, 32), 16, 2),
-    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1, library_states=4),
+    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1, library_states=2, library_real_tokens=16),
 }
 QUESTION = "Which company built the harbour crane, and in which year?"
 
@@ -425,7 +426,12 @@ def run_bench(
         results["batch"] = bench_batch(model, size)
         bar.update()
         results["library"] = bench_library(
-            model, size.library_states, size.library_k, size.decode_tokens, size.repeats
+            model,
+            size.library_states,
+            size.library_k,
+            size.decode_tokens,
+            size.repeats,
+            real_tokens=size.library_real_tokens,
         )
         bar.update()
     results["seconds"] = time.perf_counter() - start

@@ -98,7 +98,7 @@ def routed_against_single(
         raise ValueError("the per-token time needs at least two new tokens")
     runs: dict[str, list[float]] = {"one_state": [], "routed": [], "no_state": []}
     # With repeats > 1 a first, short round warms the paths up; best-of already discards one.
-    for warm in (repeats > 1,) + (False,) * repeats:
+    for warm in [True] * (repeats > 1) + [False] * repeats:
         n = 2 if warm else new_tokens
         one = timed_greedy(model, ids, state, n).per_token
         with bound(model.binding, routes=routes):
@@ -168,7 +168,14 @@ def run(model: AdaptedModel, size: str = "default", progress: bool = True) -> di
         "dtype": str(model.base.dtype).removeprefix("torch."),
         "base": model.base_name,
         "generator": model.generator_fingerprint,
-        "library": bench_library(model, s.library_states, s.library_k, s.decode_tokens, s.repeats),
+        "library": bench_library(
+            model,
+            s.library_states,
+            s.library_k,
+            s.decode_tokens,
+            s.repeats,
+            real_tokens=s.library_real_tokens,
+        ),
     }
 
 

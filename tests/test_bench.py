@@ -2,6 +2,7 @@
 never asserted: the figures are ratios reported by `genadapter bench`)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -57,5 +58,9 @@ def test_bench_command_quick(tmp_path):
     assert [b["sessions"] for b in r["batch"]] == list(SIZES["quick"].batch_sizes)
     assert all(p["cached_matches_recompute"] for p in r["prompting"])
     assert r["machine"]["torch"] == torch.__version__
-    assert r["library"]["states"] == SIZES["quick"].library_states
-    assert r["library"]["routed_over_one_state"] > 0
+    # part 5: routed over the quick size's stored states against one state, all timings finite
+    lib = r["library"]
+    assert lib["states"] == SIZES["quick"].library_states and lib["k"] == 2
+    for value in (*lib["ms_per_token"].values(), lib["routed_over_one_state"]):
+        assert math.isfinite(value) and value > 0
+    assert set(lib["ms_per_token"]) == {"routed", "one_state", "no_state"}

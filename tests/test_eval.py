@@ -245,7 +245,7 @@ def test_library_suite_rows_hold_every_condition(tiny_results):
                 if c != "prompt":
                     assert record[c] == record["base"], c
         assert set(row["retrieval"]) == {"internal", "behaviour"}
-        assert row["decode"]["ms_per_token"]["routed"] > 0
+        assert row["decode"] is None  # not timed at tiny (bench_library is tested in test_bench)
 
 
 def test_closedbook_documents_are_unrelated_to_their_questions():

@@ -1,10 +1,8 @@
-"""The `library` eval suite (eval/library_suite.py) and the routing decode benchmark
-(bench_library.py): true invariants only, on tiny sizes. The suite itself runs at the tiny limit
-with every other suite in test_eval.py (tiny_results), which checks its rows there."""
+"""The `library` eval suite (eval/library_suite.py): true invariants only, on tiny sizes. The
+suite itself runs at the tiny limit with every other suite in test_eval.py (tiny_results), which
+checks its rows there; the routing decode benchmark (bench_library.py) runs as part 5 of
+test_bench's quick `genadapter bench`."""
 
-import math
-
-from genadapter.bench_library import bench_library
 from genadapter.eval.library_suite import (
     CONDITIONS,
     ROUTED_K,
@@ -57,15 +55,3 @@ def test_routing_over_one_document_is_its_oracle_exactly(random_model, tmp_path)
     for condition, value in nll.items():
         if condition != "base":
             assert value == nll["adapter"], condition
-
-
-def test_bench_library_times_routing_and_one_state(random_model):
-    r = bench_library(random_model, 3, 2, new_tokens=3, repeats=1, prompt_tokens=8, real_tokens=16)
-    assert r["states"] == 3 and r["k"] == 2
-    for value in (*r["ms_per_token"].values(), r["routed_over_one_state"]):
-        assert math.isfinite(value) and value > 0
-    assert set(r["ms_per_token"]) == {"routed", "one_state", "no_state"}
-    # 3 stacked deltas and gates per adapted layer
-    shapes = random_model.generator.shapes
-    r2 = next(iter(random_model.generator.state_shapes().values()))[1]
-    assert r["routes_bytes"] == 4 * 3 * sum(d_in * (r2 + 1) for d_in, _ in shapes.values())

@@ -24,8 +24,8 @@ QA scores per condition, and in "oracle_recovered" the fraction of the oracle's 
 context that each condition recovers, (base - c) / (base - oracle) on perplexity; "retrieval":
 accuracy@1 and @5 of Library.search over all N documents, the query being the first sentence(s)
 of the continuation (corpus) or the question (QA), for each embedding kind the library offers;
-"decode": milliseconds per decoded token routed (k = 2) against the oracle's one state
-(bench_library.routed_against_single)."""
+"decode": milliseconds per decoded token routed (k = 2) against one document's state alone
+(bench_library.routed_against_single; None at the tiny limit)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ ROUTED_K = (1, 2, 4)
 CONDITIONS = ("base", "prompt", "adapter", "sum", *(f"routed k={k}" for k in ROUTED_K))
 QA_EVERY = 4  # every fourth document is a generated QA document
 DECODE_K = 2  # the routed decode timed against one state
+DECODE_MIN_TOKENS = 8  # fewer new tokens (the tiny limit): the decode is not timed
 SEARCH_K = 5
 QUERY_WORDS = (12, 60)  # a continuation's query: whole sentences, at least / at most these words
 QA_METRICS = {"contains": metrics.contains_match, "f1": metrics.token_f1}
@@ -260,8 +261,10 @@ def _notes(row: dict) -> list[str]:
                 )
         d = row["decode"]
         notes.append(
-            f"decode: routed k={DECODE_K} {d['ms_per_token']['routed']:.1f} ms/token, one state "
-            f"{d['ms_per_token']['one_state']:.1f} ms, ratio {d['routed_over_one_state']:.2f}"
+            f"decode: not timed below {DECODE_MIN_TOKENS} new tokens"
+            if d is None
+            else f"decode: routed k={DECODE_K} {d['ms_per_token']['routed']:.1f} ms/token, one "
+            f"state {d['ms_per_token']['one_state']:.1f} ms, ratio {d['routed_over_one_state']:.2f}"
         )
     return notes
 
@@ -310,18 +313,20 @@ def _accuracy(ranks: list[int | None]) -> dict:
     return {"acc@1": hit(1), f"acc@{SEARCH_K}": hit(SEARCH_K), "n": n}
 
 
-def _decode(model, library: Library, docs: list[LibraryDocument], limits: Limits) -> dict:
+def _decode(model, library: Library, docs: list[LibraryDocument], limits: Limits) -> dict | None:
     """Per-token decode time routed (k = DECODE_K) against the first document's state alone,
-    after the first corpus document's first 16 continuation tokens (or a QA question)."""
+    after the first corpus document's first 16 continuation tokens (or a QA question); None
+    when the limit's new tokens are fewer than DECODE_MIN_TOKENS (tiny: not worth its cost)."""
     from ..bench_library import routed_against_single
 
+    if limits.library_new_tokens < DECODE_MIN_TOKENS:
+        return None
     d = next((x for x in docs if x.target_ids), docs[0])
     ids = d.target_ids[:16] or model.tokenizer.encode(d.query, add_special_tokens=False)
     state = library.load(docs[0].name)[0].state
-    tokens = max(2, limits.library_new_tokens)
-    repeats = 2 if tokens >= 8 else 1  # tiny limits: one short, cheap round
+    tokens = limits.library_new_tokens
     routes = library.routes(DECODE_K)
-    return routed_against_single(model, ids, routes, state, tokens, repeats) | {
+    return routed_against_single(model, ids, routes, state, tokens, repeats=2) | {
         "k": DECODE_K,
         "new_tokens": tokens,
     }
