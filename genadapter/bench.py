@@ -20,18 +20,17 @@ Runs unchanged on CUDA (timings synchronize the device)."""
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .benchkit import Timing, kv_bytes, machine, timed_greedy
+from .benchkit import bench_text as _bench_text
+from .benchkit import clock as _clock
 from .generation import SamplingParams, cache_kwargs, generate_batch, generate_ids
 from .model import AdaptedModel
 from .state import AdapterState
@@ -60,86 +59,10 @@ SIZES = {
 QUESTION = "Which company built the harbour crane, and in which year?"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clock(model: AdaptedModel) -> float:
-    _sync(model.device)
-    return time.perf_counter()
-
-
-def _bench_text(model: AdaptedModel, tokens: int, seed: int = 0) -> list[int]:
-    """`tokens` token ids of generated English prose (documents about invented entities)."""
-    from .eval.fictional import NameMaker, entity_document
-
-    rng = random.Random(f"bench:{seed}")
-    names = NameMaker(rng)
-    documents, chars = [], 0
-    while chars < 6 * tokens:  # English prose: about 4 to 5 characters per token
-        documents.append(entity_document(names, rng)[0])
-        chars += len(documents[-1])
-    ids = model.tokenizer.encode("\n\n".join(documents), add_special_tokens=False)
-    if len(ids) < tokens:
-        raise RuntimeError("generated too little text for the benchmark")
-    return ids[:tokens]
-
-
 def _chat_ids(model: AdaptedModel, context: str | None) -> list[int]:
     from .eval.runner import chat_ids, chat_message
 
     return chat_ids(model.tokenizer, chat_message(QUESTION, context))
-
-
-def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes held by a KV cache's key and value tensors."""
-    return sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in (layer.keys, layer.values)
-        if t is not None
-    )
-
-
-@dataclass
-class Timing:
-    ttft: float  # seconds to the first token
-    per_token: float  # seconds per later token
-    tokens: list[int]
-    cache: DynamicCache
-
-
-@torch.no_grad()
-def timed_greedy(
-    model: AdaptedModel,
-    ids: list[int],
-    state: AdapterState | None,
-    new_tokens: int,
-    cache: DynamicCache | None = None,
-) -> Timing:
-    """Greedy decoding of exactly new_tokens tokens (end of sequence ignored) after `ids`, which
-    continue `cache` when given."""
-    cache = cache if cache is not None else DynamicCache()
-    x = torch.tensor([ids], device=model.device)
-    tokens = []
-    with model.bind_states([state]):
-        start = _clock(model)
-        token = (
-            model.base(input_ids=x, **cache_kwargs(model.base, cache), use_cache=True)
-            .logits[0, -1]
-            .argmax()
-        )
-        first = _clock(model)
-        for _ in range(new_tokens - 1):
-            tokens.append(token)
-            out = model.base(
-                input_ids=token.view(1, 1), **cache_kwargs(model.base, cache), use_cache=True
-            )
-            token = out.logits[0, -1].argmax()
-        end = _clock(model)
-    tokens = [int(t) for t in [*tokens, token]]
-    return Timing(first - start, (end - first) / max(new_tokens - 1, 1), tokens, cache)
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -373,27 +296,6 @@ def bench_batch(model: AdaptedModel, size: BenchSize) -> list[dict]:
 
 
 # -- run, report ---------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def run_bench(

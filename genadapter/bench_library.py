@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .benchkit import bench_text, machine, timed_greedy
 from .layers import bound
 from .model import AdaptedModel
 from .routing import Routes, standardize
@@ -36,9 +37,7 @@ def real_states(
 ) -> list[tuple[AdapterState, dict[str, torch.Tensor]]]:
     """`count` states absorbed from `tokens` tokens of generated prose each, with their gates as
     Library.add makes them (layer name -> (d_in,) float32 mean layer input)."""
-    from .bench import _bench_text
-
-    ids = _bench_text(model, count * tokens, seed=seed)
+    ids = bench_text(model, count * tokens, seed=seed)
     out = []
     for i in range(count):
         text = model.tokenizer.decode(ids[i * tokens : (i + 1) * tokens])
@@ -89,11 +88,9 @@ def routed_against_single(
     repeats: int = 2,
 ) -> dict:
     """Greedy decoding of `new_tokens` tokens after `ids` (end of sequence ignored), routed over
-    `routes` and with `state` bound, in the same loop (bench.timed_greedy), alternating; also with
+    `routes` and with `state` bound, in the same loop (benchkit.timed_greedy), alternating; also with
     no state, for scale. Returns milliseconds per token after the first, best of `repeats`, and
     routed / one state. Raises ValueError when new_tokens < 2 (no token after the first)."""
-    from .bench import timed_greedy
-
     if new_tokens < 2:
         raise ValueError("the per-token time needs at least two new tokens")
     runs: dict[str, list[float]] = {"one_state": [], "routed": [], "no_state": []}
@@ -127,11 +124,9 @@ def bench_library(
     """Part 5 of `genadapter bench`: top-k routing over `states` stored states against one bound
     state, per decoded token, after `prompt_tokens` tokens of generated prose (as part 2's
     prompt). JSON-ready dict; its "seconds" include making the states."""
-    from .bench import _bench_text
-
     start = time.perf_counter()
     routes, state = synthetic_routes(model, states, k, real_tokens)
-    ids = _bench_text(model, prompt_tokens, seed=1)
+    ids = bench_text(model, prompt_tokens, seed=1)
     out = {
         "states": states,
         "k": k,
@@ -156,12 +151,9 @@ def format_library(r: dict) -> list[str]:
     ]
 
 
-def run(model: AdaptedModel, size: str = "default", progress: bool = True) -> dict:
-    """Part 5 alone (`genadapter bench --library`), with bench's sizes (bench.SIZES: "default"
-    or "quick") and the same header fields as bench.run_bench; a JSON-ready dict."""
-    from .bench import SIZES, machine
-
-    s = SIZES[size]
+def run(model: AdaptedModel, s) -> dict:
+    """Part 5 alone (`genadapter bench --library`) at a bench.BenchSize `s` (its library_* fields,
+    decode_tokens and repeats), with the same header fields as bench.run_bench; JSON-ready."""
     return {
         "machine": machine(),
         "device": str(model.device),

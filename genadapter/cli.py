@@ -225,8 +225,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = "quick" if args.quick else "default"
     if args.library:  # part 5 alone: routing over an adapter library
         from . import bench_library
+        from .bench import SIZES
 
-        results = bench_library.run(model, size)
+        results = bench_library.run(model, SIZES[size])
         print(bench_library.format_report(results))
     else:
         results = run_bench(model, size)
