@@ -49,13 +49,19 @@ def real_states(
 
 
 def synthetic_routes(
-    model: AdaptedModel, states: int, k: int, real_tokens: int = REAL_TOKENS, seed: int = 0
+    model: AdaptedModel,
+    states: int,
+    k: int,
+    real_tokens: int = REAL_TOKENS,
+    seed: int = 0,
+    centred: bool = False,
 ) -> tuple[dict[str, Routes], AdapterState]:
     """Routes over `states` stored documents (see the module's docstring) and one real state.
 
-    Per adapted layer: gates (N, d_in) standardized, downs (N, r2, d_in) float32 and a centre
-    (d_in,) on the model's device; N r2 sum(d_in) floats in all (about 8 MiB per state for the
-    default generator).
+    Per adapted layer: gates (N, d_in) standardized, downs (N, r2, d_in) float32 and, when
+    `centred` (the library's "centred" gates; its default is "closed"), a centre (d_in,)
+    subtracted from every token's input; on the model's device. N r2 sum(d_in) floats in all
+    (about 8 MiB per state for the default generator).
     Raises ValueError for states < 1 or k < 1."""
     if states < 1 or k < 1:
         raise ValueError(f"need at least one state and k >= 1 (states={states}, k={k})")
@@ -71,11 +77,13 @@ def synthetic_routes(
     routes = {}
     for name in model.generator.shapes:
         gates = jittered([gate[name] for _, gate in real])
-        # A background subtracted from every token's input, as the library's default "centred"
-        # gates do (gates.py); here the real gates' mean, which costs the same.
-        center = torch.stack([gate[name] for _, gate in real]).mean(0).float().to(model.device)
         downs = jittered([f[name] for f in folded])
-        routes[name] = Routes(standardize(gates - center), downs, k, center)
+        center = None
+        if centred:  # as "centred" gates (gates.py) do; the real gates' mean costs the same
+            center = torch.stack([gate[name] for _, gate in real]).mean(0).float()
+            center = center.to(model.device)
+            gates = gates - center
+        routes[name] = Routes(standardize(gates), downs, k, center)
     return routes, real[0][0]
 
 
@@ -88,9 +96,9 @@ def routed_against_single(
     repeats: int = 2,
 ) -> dict:
     """Greedy decoding of `new_tokens` tokens after `ids` (end of sequence ignored), routed over
-    `routes` and with `state` bound, in the same loop (benchkit.timed_greedy), alternating; also with
-    no state, for scale. Returns milliseconds per token after the first, best of `repeats`, and
-    routed / one state. Raises ValueError when new_tokens < 2 (no token after the first)."""
+    `routes` and with `state` bound, in the same loop (benchkit.timed_greedy), alternating; also
+    with no state, for scale. Returns milliseconds per token after the first, best of `repeats`,
+    and routed / one state. Raises ValueError when new_tokens < 2 (no token after the first)."""
     if new_tokens < 2:
         raise ValueError("the per-token time needs at least two new tokens")
     runs: dict[str, list[float]] = {"one_state": [], "routed": [], "no_state": []}
