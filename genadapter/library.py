@@ -267,14 +267,19 @@ class Library:
         """The entry's behaviour embedding (D,) float32 (embedding.py), read from its file and
         verified, or computed from its stored state when the entry predates the file.
 
-        Raises NoEntryError, CorruptStateError (a damaged file, or one that is not this state's),
-        IncompatibleStateError (another model's, or made with other probes), as `load`."""
+        Raises NoEntryError, CorruptStateError (a damaged file, or one that is not the state's the
+        manifest records), IncompatibleStateError (another model's, or made with other probes);
+        computing it, what `load` raises."""
         if name not in self._behaviour:
-            session, _ = self.load(name)
-            state = session.state
-            vector = read_behaviour(self.path / ENTRIES / name, self.model, state.checksum())
+            model = self._need_model()
+            if name not in self:
+                raise NoEntryError(f"the library {self.path} has no entry {name!r}")
+            # Bound to the state the manifest records (which `load` checks the state against),
+            # so search reads no state file unless the embedding must be computed.
+            checksum = self._manifest["entries"][name]["state_sha256"]
+            vector = read_behaviour(self.path / ENTRIES / name, model, checksum)
             if vector is None:
-                vector = embedding.behaviour_of_state(self.model, state)
+                vector = embedding.behaviour_of_state(model, self.load(name)[0].state)
             self._behaviour[name] = vector
         return self._behaviour[name]
 
