@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--gates", nargs="*", default=["closed", "centred"])
     ap.add_argument("--trained-steps", type=int, default=10)
-    ap.add_argument("--kinds", nargs="*", default=["internal", "internal-raw", "behaviour"])
+    # "internal" as the library is set (library.INTERNAL_CENTRED), "-centred" / "-raw" forced.
+    ap.add_argument("--kinds", nargs="*", default=["internal", "internal-centred", "behaviour"])
     ap.add_argument("--work", default="/tmp/library-routing")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -96,6 +97,7 @@ def main() -> None:
     if added:
         print(f"added {added} documents: {(time.perf_counter() - start) / added:.2f} s each")
     tok = model.tokenizer
+    default_centred = library_module.INTERNAL_CENTRED
     results: dict = {"generator": args.generator, "context": args.context, "target": args.target}
     for n in sorted(set(args.sizes + args.search_sizes)):
         sub = subset(lib, names[:n], work / f"n{n}")
@@ -104,7 +106,10 @@ def main() -> None:
             for kind in args.kinds:
                 hits1 = hits5 = 0
                 start = time.perf_counter()
-                library_module.INTERNAL_CENTRED = kind != "internal-raw"
+                library_module.INTERNAL_CENTRED = {
+                    "internal-centred": True,
+                    "internal-raw": False,
+                }.get(kind, default_centred)
                 sub._routes = {}
                 for name, doc in zip(names[:n], docs):
                     query = tok.decode(doc.target_ids)
