@@ -197,7 +197,7 @@ def cmd_library(args: argparse.Namespace) -> int:
         )
     elif args.action == "search":
         library = Library.open(args.library, load_model(args))
-        for name, score in library.search(args.question, args.k):
+        for name, score in library.search(args.question, args.k, kind=args.kind):
             print(f"{score:.4f}\t{name}")
     elif args.action == "rm":
         try:
@@ -445,13 +445,19 @@ def _add_library(sub) -> None:
         "search",
         help="the entries nearest QUESTION",
         description="Print the k entries of LIBRARY whose embeddings are nearest QUESTION's, "
-        "best first, with their scores (mean cosine over the adapted layers' inputs).",
+        "best first, with their scores (cosines in the space of --kind).",
     )
     add_model_args(search)
     search.add_argument("library", metavar="LIBRARY", help="the library folder")
     search.add_argument("question", metavar="QUESTION", help="the text to search for")
     search.add_argument(
         "--k", type=positive_int, default=5, metavar="N", help="entries to print (default: 5)"
+    )
+    search.add_argument(
+        "--kind",
+        choices=("internal", "behaviour"),
+        default="internal",
+        help="embedding: the model's layer inputs (default) or its behaviour on probe prompts",
     )
     p.set_defaults(run=cmd_library)
 

@@ -117,7 +117,7 @@ def test_library_commands_add_list_and_remove(tmp_path, capsys):
     assert stdout.startswith(f"rail\t{entry.tokens} tokens")
     assert stdout.splitlines()[-1] == f"1 entries in {lib}"
     argv = ["library", "search", str(lib), "When was the line electrified?", "--k", "3"]
-    assert cli.main([*argv, "--device", "cpu"]) == 0
+    assert cli.main([*argv, "--kind", "behaviour", "--device", "cpu"]) == 0
     (line,) = capsys.readouterr().out.splitlines()  # one entry, however large --k
     assert line.endswith("\trail") and -1 <= float(line.split()[0]) <= 1
     assert cli.main(["library", "rm", str(lib), "nope"]) == 2
