@@ -96,7 +96,7 @@ class Library:
         _check_routable(model)
         manifest = {"format": FORMAT, **{k: getattr(model, k) for k in FINGERPRINTS}, "entries": {}}
         library = cls(path, model, manifest)
-        library._write_manifest()
+        library._write_manifest({})
         return library
 
     @classmethod
@@ -156,22 +156,21 @@ class Library:
                 state.add_(model.encode(doc, progress=progress)[0])
         means = {n: s / state.tokens for n, s in inputs.items()}
         write_entry(self.path / ENTRIES / name, model, state, means)
-        self._manifest["entries"][name] = {
+        entry = {
             "tokens": state.tokens,
             "chunks": state.chunks,
             "documents": state.documents,
             "added": time.time(),
             "state_sha256": state.checksum(),
         }
-        self._write_manifest()
+        self._write_manifest({**self._manifest["entries"], name: entry})
         return AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
 
     def remove(self, name: str) -> None:
         """Delete the entry `name`. Raises NoEntryError (a KeyError) when there is none."""
         if name not in self:
             raise NoEntryError(f"the library {self.path} has no entry {name!r}")
-        del self._manifest["entries"][name]
-        self._write_manifest()
+        self._write_manifest({n: e for n, e in self._manifest["entries"].items() if n != name})
         shutil.rmtree(self.path / ENTRIES / name, ignore_errors=True)
 
     def load(self, name: str) -> tuple[Session, dict[str, torch.Tensor]]:
@@ -208,12 +207,13 @@ class Library:
             read_behaviour(other.path / ENTRIES / name, self.model, session.state.checksum())
         for name in names:
             for file in (STATE_FILE, GATES_FILE, BEHAVIOUR_FILE):
+                target = self.path / ENTRIES / name / file
                 if file == BEHAVIOUR_FILE and not (other.path / ENTRIES / name / file).exists():
-                    continue  # an older entry: computed when needed, as in `other`
-                data = (other.path / ENTRIES / name / file).read_bytes()
-                atomic_write(self.path / ENTRIES / name / file, data)
-            self._manifest["entries"][name] = dict(other._manifest["entries"][name])
-        self._write_manifest()
+                    target.unlink(missing_ok=True)  # not a crashed add's leftover: recomputed
+                    continue  # when needed, as in `other`
+                atomic_write(target, (other.path / ENTRIES / name / file).read_bytes())
+        copied = {n: dict(other._manifest["entries"][n]) for n in names}
+        self._write_manifest({**self._manifest["entries"], **copied})
         return names
 
     # -- routing --------------------------------------------------------------------------------
@@ -346,11 +346,15 @@ class Library:
             raise ValueError(f"the library {self.path} was opened without a model")
         return self.model
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, entries: dict) -> None:
+        """Write the manifest with `entries`, then (only once it is on disk) use it: a failed
+        write leaves this object as the disk has it."""
+        manifest = {**self._manifest, "entries": entries}
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        self._manifest = manifest
         self._means = self._downs = None
         self._routes = {}
         self._behaviour = {}
-        atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
 
 
 def _check_routable(model) -> None:

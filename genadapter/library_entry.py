@@ -77,8 +77,9 @@ def read_gates(folder: Path, model, checksum: str) -> dict[str, torch.Tensor]:
 
 def read_behaviour(folder: Path, model, checksum: str) -> torch.Tensor | None:
     """The entry's stored behaviour embedding (D,) float32, or None when the entry has no file
-    (made before it existed). Raises CorruptStateError (damaged, or not this state's) and
-    IncompatibleStateError (another model's, or made with other probes)."""
+    (made before it existed) or one made with other probes (embedding.BEHAVIOUR_VERSION): the
+    caller recomputes it from the verified state. Raises CorruptStateError (damaged, or not this
+    state's) and IncompatibleStateError (another model's, or of another size)."""
     file = folder / BEHAVIOUR_FILE
     if not file.exists():
         return None
@@ -89,10 +90,7 @@ def read_behaviour(folder: Path, model, checksum: str) -> torch.Tensor | None:
         raise CorruptStateError(f"{file}: not the behaviour embedding of this entry")
     _check_model(file, meta, model)
     if meta.get("version") != embedding.BEHAVIOUR_VERSION:
-        raise IncompatibleStateError(
-            f"{file} was made with other probes ({meta.get('version')}; these are "
-            f"{embedding.BEHAVIOUR_VERSION}): delete the file to recompute it"
-        )
+        return None  # other probes: recomputed from the verified state, as for a missing file
     vector = stored.sums["behaviour"][0]
     if vector.shape != (embedding.dimension(),):
         raise IncompatibleStateError(f"{file} holds an embedding of another size")
@@ -123,13 +121,16 @@ def documents(document: object) -> list[object]:
 
 
 def read_manifest(path: Path) -> dict:
+    """The library manifest at `path`, checked for its format, fingerprints and entries (each a
+    valid entry name, so no entry can point outside the library). Raises CorruptStateError."""
     try:
         manifest = json.loads(path.read_text())
         ok = manifest.get("format") == FORMAT and isinstance(manifest.get("entries"), dict)
         ok = ok and all(isinstance(manifest.get(k), str) for k in FINGERPRINTS)
         fields = set(Entry.__dataclass_fields__) - {"name"}
         ok = ok and all(
-            isinstance(e, dict) and e.keys() == fields for e in manifest["entries"].values()
+            isinstance(e, dict) and e.keys() == fields and NAME_RE.fullmatch(n)
+            for n, e in manifest["entries"].items()
         )
     except (ValueError, AttributeError, UnicodeDecodeError) as e:
         raise CorruptStateError(f"{path}: not a genadapter library manifest ({e})") from e

@@ -138,7 +138,8 @@ def test_routed_chat_over_one_entry_is_that_entrys_session(server, random_model,
         ("post", LIB, {"name": "x" * 65}, 422, "invalid_body", "name"),
         ("post", LIB, {}, 422, "invalid_body", "name"),
         ("get", f"{LIB}/nowhere", None, 404, "library_not_found", "library"),
-        ("get", f"{LIB}/..", None, 404, None, None),
+        ("get", f"{LIB}/%2E%2E", None, 404, "library_not_found", "library"),
+        ("post", f"{LIB}/empty/search", {"query": "q", "kind": "x"}, 422, "invalid_body", "kind"),
         ("delete", f"{LIB}/nowhere", None, 404, "library_not_found", "library"),
         ("post", f"{LIB}/nowhere/search", {"query": "q"}, 404, "library_not_found", "library"),
         ("post", f"{LIB}/empty/search", {"query": "q"}, 409, "library_empty", "library"),
@@ -196,6 +197,10 @@ def test_a_bad_library_request_leaves_another_users_chat_alone(server, random_mo
         bad = server.http.post(CHAT, json={"messages": ask("hi"), "library": "damaged"})
         rest = [line for line in lines if line]
     assert_error(bad, 500, "corrupt_state")
+    search = server.http.post(f"{LIB}/damaged/search", json={"query": "bees"})
+    assert_error(search, 500, "corrupt_state")  # not a 422 on the query
+    listing = server.http.get(LIB).json()["data"]  # the damaged one does not hide the others
+    assert {"one", "damaged"} <= {row["name"] for row in listing}
     events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
     assert not [e for e in events if "error" in e]
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected

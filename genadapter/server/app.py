@@ -217,6 +217,7 @@ def create_app(
             message = f"give a library or a session, not both ({clash} names a session)"
             raise ApiError(400, message, "library_and_session", clash)
         k = DEFAULT_K if body.library_k is None else body.library_k
+        check_capacity()  # before the routes' loads and folds, which run in the model thread
         return await in_thread(libraries.routes, body.library, k), body.library
 
     async def chat_session(body: ChatRequest) -> tuple[str | None, str]:

@@ -26,9 +26,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..embedding import KINDS
 from ..library import MANIFEST, Library, NoEntryError
+from ..library_entry import NAME_RE as ENTRY_NAME
 from ..model import AdaptedModel
-from ..state import IncompatibleStateError
+from ..state import CorruptStateError, IncompatibleStateError
 from ..text import chunked, token_stream
 from .errors import ApiError
 from .worker import ModelWorker
@@ -37,8 +39,6 @@ log = logging.getLogger(__name__)
 
 # A library's name: a folder under STORE/libraries, so nothing else is ever joined to a path.
 LIBRARY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# An entry's name, as the library accepts it (checked here first for a clear 422).
-ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DELETED = ".deleted-"  # a library being deleted is first renamed to this prefix
 DEFAULT_K = 2  # documents mixed per token in a routed chat
 MAX_K = 64
@@ -46,10 +46,12 @@ MAX_SEARCH_K = 100
 
 
 def unknown_library(name: str) -> ApiError:
+    """404 library_not_found for `name`."""
     return ApiError(404, f"no library named {name!r}", "library_not_found", "library")
 
 
 def empty_library(name: str) -> ApiError:
+    """409 library_empty: routing and search need at least one entry."""
     message = f"the library {name!r} has no entries: add a document first"
     return ApiError(409, message, "library_empty", "library")
 
@@ -85,7 +87,14 @@ class SearchBody(BaseModel):
 
     query: str = Field(min_length=1, max_length=100_000)
     k: int = Field(5, ge=1, le=MAX_SEARCH_K)
-    kind: str | None = Field(None, max_length=64)  # the embedding, when the library has kinds
+    kind: str = "internal"  # the embedding (genadapter.embedding.KINDS)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        if v not in KINDS:
+            raise ValueError(f"unknown embedding kind {v!r}; use one of {', '.join(KINDS)}")
+        return v
 
 
 async def json_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -114,7 +123,9 @@ class LibraryStore:
 
     @contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Hold the library `name`'s lock (re-entrant) for a change or a load."""
+        """Hold the library `name`'s lock (re-entrant) for a change or a load. ApiError 404 for
+        a name no library can have (so junk names never get a lock)."""
+        self._path(name)
         with self._guard:
             lock = self._locks.setdefault(name, threading.RLock())
         with lock:
@@ -244,7 +255,16 @@ def library_router(
     @api.get("/libraries")
     async def list_libraries() -> dict:
         def listing() -> list[dict]:
-            return [store.info(name, entries=False) for name in store.names()]
+            found = []
+            for name in store.names():  # one bad or vanished library does not hide the others
+                try:
+                    found.append(store.info(name, entries=False))
+                except ApiError as e:
+                    if e.status_code != 404:
+                        found.append({"object": "library", "name": name, "error": e.code})
+                except (CorruptStateError, IncompatibleStateError):
+                    found.append({"object": "library", "name": name, "error": "corrupt_state"})
+            return found
 
         return {"object": "list", "data": await in_thread(listing)}
 
@@ -330,12 +350,14 @@ def library_router(
                 library = store.get(name)
                 if not len(library):
                     raise empty_library(name)
-                kind = {} if body.kind is None else {"kind": body.kind}
+                call = worker.call(lambda: library.search(body.query, body.k, kind=body.kind))
                 try:
-                    return worker.call(lambda: library.search(body.query, body.k, **kind)).result()
-                except ValueError as e:  # an unknown kind, a query with no tokens
-                    param = "kind" if body.kind is not None and "kind" in str(e) else "query"
-                    raise ApiError(422, str(e), "invalid_body", param) from e
+                    with library_errors(name):
+                        return call.result()
+                except (CorruptStateError, IncompatibleStateError, ApiError):
+                    raise
+                except ValueError as e:  # a query with no tokens
+                    raise ApiError(422, str(e), "invalid_body", "query") from e
 
         hits = await in_thread(ranked)
         data = [{"name": n, "score": s, "rank": i + 1} for i, (n, s) in enumerate(hits)]

@@ -133,7 +133,10 @@ class ModelWorker:
         wait): work with forwards of its own (a library's add, search), which must not overlap
         the batch's, as all forwards share the layers' binding. Its exception goes to the future."""
         job = _CallJob(fn, Future())
-        self._inbox.put(job)
+        if self._stopping:
+            _shut(job.future)
+        else:
+            self._inbox.put(job)
         return job.future
 
     # -- the loop (model thread) --------------------------------------------------------------
@@ -156,8 +159,8 @@ class ModelWorker:
             if isinstance(job, ChatJob):
                 job.tokens.put(Finished("cancelled"))
             elif isinstance(job, (_EncodeJob, _CallJob)):
-                job.future.set_exception(ServerShuttingDown("the server is shutting down"))
-        for enc in [*self._encodes, *self._calls]:
+                _shut(job.future)
+        for enc in [*self._encodes, *self._calls]:  # running: they can no longer be cancelled
             enc.future.set_exception(ServerShuttingDown("the server is shutting down"))
 
     def _take_inbox(self, block: bool) -> None:
@@ -404,3 +407,9 @@ class ModelWorker:
                 job.future.set_result(job.fn())
             except BaseException as e:  # the caller's failure: it goes to the caller alone
                 job.future.set_exception(e)
+
+
+def _shut(future: Future) -> None:
+    """Fail a pending `future` with ServerShuttingDown, unless its waiter cancelled it."""
+    if future.set_running_or_notify_cancel():
+        future.set_exception(ServerShuttingDown("the server is shutting down"))
