@@ -27,9 +27,8 @@ import weakref
 
 import torch
 
-from .layers import AdaptedLinear, bound
-
-GATE_KINDS = ("closed", "centred", "trained")
+from .embedding import input_means
+from .layers import AdaptedLinear
 
 # A fixed, generic text whose mean layer inputs are the background of "centred" gates: varied
 # registers (narrative, instructions, reference, dialogue, code, numbers) so that no one topic
@@ -57,23 +56,12 @@ Mix two cups of flour with a pinch of salt, add the butter, and knead until the 
 _backgrounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def check_gate_kind(kind: str) -> str:
-    """`kind` itself; ValueError unless it is one of GATE_KINDS."""
-    if kind not in GATE_KINDS:
-        raise ValueError(f"unknown gate kind {kind!r}; use one of {', '.join(GATE_KINDS)}")
-    return kind
-
-
 def background(model) -> dict[str, torch.Tensor]:
     """Per adapted layer, the base's mean input (d_in,) float32 over BACKGROUND_TEXT; computed
     once per model (one context pass of about 300 tokens)."""
     means = _backgrounds.get(model)
     if means is None:
-        inputs: dict[str, torch.Tensor] = {}
-        with bound(model.binding, input_sums=inputs):
-            state = model.encode(BACKGROUND_TEXT)[0]
-        means = {n: s / state.tokens for n, s in inputs.items()}
-        _backgrounds[model] = means
+        means = _backgrounds[model] = input_means(model, BACKGROUND_TEXT)
     return means
 
 
