@@ -58,8 +58,10 @@ def route(
     n, d = gates.shape
     if k < 1 or n == 0:
         raise ValueError(f"routing needs k >= 1 and at least one document (k={k}, N={n})")
-    xs = standardize(x) if center is None else standardize(x.float() - center)
-    scores = xs @ gates.T / d**0.5
+    x = x.float() if center is None else x.float() - center
+    # The gates' rows have zero mean, so <x - mean(x), g> = <x, g>: only x's scale is needed.
+    var, _ = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+    scores = (x @ gates.T) * (torch.rsqrt(var + STD_EPS) / d**0.5)
     top, index = scores.topk(min(k, n), dim=-1)
     return torch.softmax(top, dim=-1), index
 
@@ -67,12 +69,18 @@ def route(
 def mixed_down(x: torch.Tensor, routes: Routes) -> torch.Tensor:
     """sum_j w_j D_{i_j} x per token: x (..., d_in) -> (..., r2) float32.
 
-    Few tokens (decode) gather their k documents' D (k r2 d_in reads per token); many tokens
-    (a prompt) run one matmul against all N documents' D and pick each token's k rows, which
-    reads every D once instead of once per token."""
+    One token (decode at batch 1) reads its k documents' D in place; a few tokens gather theirs
+    (k r2 d_in reads per token); many tokens (a prompt) run one matmul against all N documents'
+    D and pick each token's k rows, which reads every D once instead of once per token."""
     weights, index = route(x, routes.gates, routes.k, routes.center)
     n, r2, d = routes.downs.shape
     xf = x.to(routes.downs.dtype)
+    if index.numel() == index.shape[-1]:  # one token
+        chosen, w = index.reshape(-1).tolist(), weights.reshape(-1, 1)
+        out = w[0] * torch.nn.functional.linear(xf, routes.downs[chosen[0]])
+        for j in range(1, len(chosen)):
+            out.add_(torch.nn.functional.linear(xf, routes.downs[chosen[j]]), alpha=w[j].item())
+        return out
     if index.numel() < n:
         return torch.einsum("...d,...krd,...k->...r", xf, routes.downs[index], weights)
     every = torch.nn.functional.linear(xf, routes.downs.reshape(n * r2, d)).unflatten(-1, (n, r2))

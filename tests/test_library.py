@@ -197,6 +197,10 @@ def test_routed_linear_against_a_token_by_token_reference():
     assert (
         mixed_down(one, routes) - mixed_down(one.expand(2, 3, d_in), routes)[:, :1]
     ).abs().max() < 1e-5
+    # One token (decode at batch 1) reads its k documents' D in place: the same mix again.
+    for b, t in ((0, 0), (1, 6)):
+        single = routed_linear(x[b : b + 1, t : t + 1], base, routes, B)
+        assert (single[0, 0] - want[b, t]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="k >= 1"):
         mixed_down(x, Routes(routes.gates, routes.downs, 0))
 
