@@ -39,7 +39,7 @@ KINDS = ("internal", "behaviour")
 # Generic probe prompts, fixed: changing them changes BEHAVIOUR_VERSION (stored embeddings made
 # with other probes are then refused as foreign). Short (1-5 tokens), so the probes of one entry
 # are one forward of 16 x 5 tokens: about 0.5 s on one CPU core (32 longer probes took 1.5 s and
-# searched about as well: docs/library-notes-embedding.md).
+# searched about as well: docs/LIBRARY.md, "Embeddings, gates and routing").
 PROBES = (
     "The main topic is",
     "This is about",

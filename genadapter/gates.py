@@ -14,7 +14,8 @@ Kinds (Library.routes(k, gates=...)):
                W x + sigmoid(<v, x>) B (D x), minimizing the next-token loss (train_gates);
                routed as "closed" with v in place of g. Made on demand, not at add time.
 
-Measured with the v0 generator on held-out corpus documents (docs/library-notes-embedding.md):
+Measured with the v0 generator on held-out corpus documents (docs/LIBRARY.md, "Embeddings,
+gates and routing"):
 "closed" recovers 96.8% of the oracle's perplexity gain at N = 32 (k = 2), "centred" 96.4%;
 "trained" (10 steps, 72 s per document on a shared 2-core CPU) 93.0% against "closed"'s 95.9%
 at N = 8. So the library routes with "closed" by default, offers "centred", and does not store

@@ -62,7 +62,7 @@ from .state import CorruptStateError, IncompatibleStateError, atomic_write
 MANIFEST = "library.json"
 ENTRIES = "entries"
 # Routing's gates and whether the internal embedding subtracts the same background (gates.py):
-# the variants that measured best (docs/library-notes-embedding.md).
+# the variants that measured best (docs/LIBRARY.md, "Embeddings, gates and routing").
 DEFAULT_GATES = "closed"
 INTERNAL_CENTRED = False
 
