@@ -29,17 +29,15 @@ of the continuation (corpus) or the question (QA), for each embedding kind the l
 
 from __future__ import annotations
 
-import inspect
-import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..embedding import KINDS
 from ..library import Library
 from ..session import Session
 from . import metrics
@@ -48,8 +46,6 @@ from .data import Question
 from .fictional import qa_examples
 from .limits import Limits
 from .prompts import QA_INSTRUCTION, chat_message, split_seed
-
-log = logging.getLogger(__name__)
 
 ROUTED_K = (1, 2, 4)
 CONDITIONS = ("base", "prompt", "adapter", "sum", *(f"routed k={k}" for k in ROUTED_K))
@@ -253,13 +249,10 @@ def _notes(row: dict) -> list[str]:
     notes = [f"oracle's gain recovered ({row['metric']}): {gains}"]
     if row["metric"] == "perplexity":  # the library-wide figures once per size
         for kind, r in row["retrieval"].items():
-            if "error" in r:
-                notes.append(f"search ({kind}): {r['error']}")
-            else:
-                notes.append(
-                    f"search ({kind}) over {row['library_documents']} documents: "
-                    f"acc@1 {r['acc@1']:.3f}, acc@5 {r['acc@5']:.3f} ({r['n']} queries)"
-                )
+            notes.append(
+                f"search ({kind}) over {row['library_documents']} documents: "
+                f"acc@1 {r['acc@1']:.3f}, acc@5 {r['acc@5']:.3f} ({r['n']} queries)"
+            )
         d = row["decode"]
         notes.append(
             f"decode: not timed below {DECODE_MIN_TOKENS} new tokens"
@@ -270,41 +263,23 @@ def _notes(row: dict) -> list[str]:
     return notes
 
 
-def search_kinds() -> tuple[str | None, ...]:
-    """The embedding kinds Library.search takes: ("internal", "behaviour") once it has a `kind`
-    argument, else (None,): its one (internal) embedding."""
-    if "kind" in inspect.signature(Library.search).parameters:
-        return ("internal", "behaviour")
-    return (None,)
-
-
 def retrieval(library: Library, docs: list[LibraryDocument]) -> dict[str, dict]:
     """Per embedding kind: accuracy@1 and @SEARCH_K of Library.search over the whole library,
     one query per document (its `query`), overall and per source, and each query's rank (1-based,
-    None when not in the top SEARCH_K). A kind whose search fails is reported with its error."""
+    None when not in the top SEARCH_K)."""
     out = {}
-    for kind in search_kinds():
-        label = kind or "internal"
-        search: Callable = library.search
-        kwargs = {} if kind is None else {"kind": kind}
-        try:
-            ranks = []
-            for d in docs:
-                names = [name for name, _ in search(d.query, SEARCH_K, **kwargs)]
-                ranks.append(names.index(d.name) + 1 if d.name in names else None)
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            log.warning("library search (%s) failed: %s", label, e)
-            out[label] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        out[label] = _accuracy(ranks) | {
+    for kind in KINDS:
+        ranks = []
+        for d in docs:
+            names = [name for name, _ in library.search(d.query, SEARCH_K, kind=kind)]
+            ranks.append(names.index(d.name) + 1 if d.name in names else None)
+        out[kind] = _accuracy(ranks) | {
             "by_source": {
                 s: _accuracy([r for r, d in zip(ranks, docs) if d.source == s])
                 for s in sorted({d.source for d in docs})
             },
             "ranks": ranks,
         }
-    if search_kinds() == (None,):
-        out["behaviour"] = {"error": "not available: Library.search has no `kind` argument yet"}
     return out
 
 
