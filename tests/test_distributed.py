@@ -93,7 +93,10 @@ def test_distributed_state_and_logits_equal_single_process(random_model, absorbe
     ids = torch.tensor([random_model.tokenizer.encode("The chief engineer of the railway was")])
     got = random_model.logits(ids, [result.state])
     want = random_model.logits(ids, [single.state])
-    assert (got - want).abs().max() < 1e-4
+    # The states differ only by float32 summation order (relative ~1e-7); through the polar
+    # factor and 30 layers that moves logits of magnitude ~15 by up to 1.0e-4 (a fresh-clone CI
+    # run measured exactly 1.0e-4), so the bound is 3e-4, as for test_model's batched decoding.
+    assert (got - want).abs().max() < 3e-4
     assert (want - random_model.logits(ids, None)).abs().max() > 0.1  # the state matters
 
 
