@@ -69,13 +69,15 @@ def route(
 def mixed_down(x: torch.Tensor, routes: Routes) -> torch.Tensor:
     """sum_j w_j D_{i_j} x per token: x (..., d_in) -> (..., r2) float32.
 
-    One token (decode at batch 1) reads its k documents' D in place; a few tokens gather theirs
-    (k r2 d_in reads per token); many tokens (a prompt) run one matmul against all N documents'
-    D and pick each token's k rows, which reads every D once instead of once per token."""
+    One token on the CPU (decode at batch 1) reads its k documents' D in place; a few tokens gather
+    theirs (k r2 d_in reads per token); many tokens (a prompt) run one matmul against all N
+    documents' D and pick each token's k rows, which reads every D once instead of once per
+    token."""
     weights, index = route(x, routes.gates, routes.k, routes.center)
     n, r2, d = routes.downs.shape
     xf = x.to(routes.downs.dtype)
-    if index.numel() == index.shape[-1]:  # one token
+    if index.numel() == index.shape[-1] and xf.device.type == "cpu":  # one token; on a GPU the
+        # .tolist() would wait for the device at every layer, so it gathers as for a few tokens
         chosen, w = index.reshape(-1).tolist(), weights.reshape(-1, 1)
         out = w[0] * torch.nn.functional.linear(xf, routes.downs[chosen[0]])
         for j in range(1, len(chosen)):
