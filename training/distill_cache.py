@@ -102,11 +102,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    base = load_base(None, device="cpu", dtype=torch.bfloat16)
-    model, tok = base.model.eval(), base.tokenizer
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
+    model, tok, out, rng = start(args.out, args.seed)
     source = distill_sources.SOURCES[args.source]
 
     def make_row(item) -> dict:
@@ -114,6 +110,15 @@ def main() -> None:
         return {**row, "source": args.source, "gold": item.answers}
 
     write_shards(out, args.count, args.shard, lambda: source(rng), make_row)
+
+
+def start(out: str, seed: int) -> tuple[object, object, Path, random.Random]:
+    """What every cache script starts with: the frozen base (bfloat16, CPU, eval mode), its
+    tokenizer, the output folder (created) and the random source seeded with `seed`."""
+    base = load_base(None, device="cpu", dtype=torch.bfloat16)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return base.model.eval(), base.tokenizer, folder, random.Random(seed)
 
 
 def write_shards(out: Path, count: int, size: int, draw, make_row) -> None:

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cache import final_hidden, write_shards  # noqa: E402
+from distill_cache import final_hidden, start, write_shards  # noqa: E402
 
 from genadapter import corpora  # noqa: E402
-from genadapter.base import load_base  # noqa: E402
 
 
 def train_documents(tokenizer, need: int, seed: int):
@@ -73,11 +72,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    base = load_base(None, device="cpu", dtype=torch.bfloat16)
-    model, tok = base.model.eval(), base.tokenizer
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
+    model, tok, out, rng = start(args.out, args.seed)
     docs = train_documents(tok, 1024 + args.target, args.seed)
 
     def make_row(item) -> dict:
