@@ -74,16 +74,24 @@ def running(app):
         assert not thread.is_alive(), "uvicorn did not shut down"
 
 
-@pytest.fixture(scope="module")
-def server(random_model, tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
+@contextmanager
+def served(model, store: Path):
+    """The tests' server over `store` (small document limits, batches of 8), running, with an
+    HTTP client that sends the key: a namespace of url, app, store and http."""
     config = ServerConfig(
         api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8
     )
-    app = create_app(random_model, store, config)
+    app = create_app(model, store, config)
     with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as http:
+        yield SimpleNamespace(url=url, app=app, store=store, http=http)
+
+
+@pytest.fixture(scope="module")
+def server(random_model, tmp_path_factory):
+    with served(random_model, tmp_path_factory.mktemp("store")) as server:
+        url = server.url
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
-        yield SimpleNamespace(url=url, app=app, store=store, http=http, openai=client)
+        yield SimpleNamespace(**vars(server), openai=client)
 
 
 def new_session(server, *documents: str) -> str:

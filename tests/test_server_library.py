@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from genadapter.generation import SamplingParams
 from genadapter.library import Library
-from genadapter.server.app import ServerConfig, create_app
 from genadapter.server.worker import ModelWorker
 
 from .test_library import DOCS, QUESTIONS
 from .test_server import (
-    AUTH,
     CHAT,
-    KEY,
     TIMEOUT,
     ask,
     drain,
     new_session,
     prompt_ids,
     reference_answer,
-    running,
     saved_state,
+    served,
 )
 
 LIB = "/v1/libraries"
@@ -36,13 +32,9 @@ LIB = "/v1/libraries"
 
 @pytest.fixture(scope="module")
 def server(random_model, tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    config = ServerConfig(
-        api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8
-    )
-    app = create_app(random_model, store, config)
-    with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as http:
-        yield SimpleNamespace(url=url, app=app, store=store, http=http)
+    """A server of this module's own, with its own store."""
+    with served(random_model, tmp_path_factory.mktemp("store")) as running_server:
+        yield running_server
 
 
 @pytest.fixture(scope="module")
