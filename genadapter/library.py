@@ -267,9 +267,10 @@ class Library:
         """The entry's behaviour embedding (D,) float32 (embedding.py), read from its file and
         verified, or computed from its stored state when the entry predates the file.
 
+        A file made with other probes is recomputed the same way (never rewritten by a read).
         Raises NoEntryError, CorruptStateError (a damaged file, or one that is not the state's the
-        manifest records), IncompatibleStateError (another model's, or made with other probes);
-        computing it, what `load` raises."""
+        manifest records), IncompatibleStateError (another model's); computing it, what `load`
+        raises."""
         if name not in self._behaviour:
             model = self._need_model()
             if name not in self:
