@@ -8,8 +8,8 @@ measured side by side in one process, alternating, best of `repeats`. Issue 14 a
 The N stored states are synthetic but made from the generator: a few real states (and their
 gates, the documents' mean layer inputs) absorbed from generated prose, repeated to N with small
 Gaussian perturbations so that no two are equal. This is fair for a cost measurement: what a
-routed decode step does (N gate scores per layer, a top-k, a gather of k folded deltas of r2 x d_in
-floats, a weighted sum) depends on N, k, r2 and d_in, never on the values; which k documents win
+routed decode step does (N gate scores per layer, a top-k, k folded deltas of r2 x d_in floats
+applied, a weighted sum) depends on N, k, r2 and d_in, never on the values; which k documents win
 changes only which rows are read. Absorbing 128 real documents (minutes on a CPU) would measure the
 same thing. The quality of routing is the `library` eval suite's job (eval/library_suite.py)."""
 
@@ -20,6 +20,7 @@ import time
 import torch
 
 from .benchkit import bench_text, machine, timed_greedy
+from .embedding import encode_with_means
 from .layers import bound
 from .model import AdaptedModel
 from .routing import Routes, standardize
@@ -38,14 +39,8 @@ def real_states(
     """`count` states absorbed from `tokens` tokens of generated prose each, with their gates as
     Library.add makes them (layer name -> (d_in,) float32 mean layer input)."""
     ids = bench_text(model, count * tokens, seed=seed)
-    out = []
-    for i in range(count):
-        text = model.tokenizer.decode(ids[i * tokens : (i + 1) * tokens])
-        inputs: dict[str, torch.Tensor] = {}
-        with bound(model.binding, input_sums=inputs):
-            state = model.encode(text)[0]
-        out.append((state, {n: s / state.tokens for n, s in inputs.items()}))
-    return out
+    pieces = [ids[i * tokens : (i + 1) * tokens] for i in range(count)]
+    return [encode_with_means(model, model.tokenizer.decode(piece)) for piece in pieces]
 
 
 def synthetic_routes(

@@ -100,13 +100,20 @@ def internal(
     return torch.cat(parts, dim=-1)
 
 
-def input_means(model, text: str) -> dict[str, torch.Tensor]:
-    """Per adapted layer, the mean (d_in,) float32 of the inputs it saw while the base read `text`
-    (the context pass of Session.absorb). Raises DocumentError for empty or non-text input."""
+def encode_with_means(model, text: str) -> tuple[object, dict[str, torch.Tensor]]:
+    """`text` absorbed: its AdapterState and, per adapted layer, the mean (d_in,) float32 of the
+    inputs the layer saw meanwhile (the same context pass of Session.absorb; a document's gates).
+    Raises DocumentError for empty or non-text input."""
     inputs: dict[str, torch.Tensor] = {}
     with bound(model.binding, input_sums=inputs):
         state = model.encode(text)[0]
-    return {n: s / state.tokens for n, s in inputs.items()}
+    return state, {n: s / state.tokens for n, s in inputs.items()}
+
+
+def input_means(model, text: str) -> dict[str, torch.Tensor]:
+    """Per adapted layer, the mean (d_in,) float32 of the inputs it saw while the base read `text`
+    (encode_with_means without the state). Raises DocumentError for empty or non-text input."""
+    return encode_with_means(model, text)[1]
 
 
 # -- behaviour ------------------------------------------------------------------------------------
