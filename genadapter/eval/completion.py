@@ -8,6 +8,8 @@ import logging
 import random
 from dataclasses import dataclass
 
+import torch
+
 from .. import corpora
 
 log = logging.getLogger(__name__)
@@ -67,3 +69,10 @@ def _next_long_enough(queue, tokenizer, context_tokens: int, target_tokens: int)
         if len(ids) >= target_tokens + context_tokens // 2:
             return CompletionDocument(doc_id, ids[:-target_tokens], ids[-target_tokens:])
     return None
+
+
+def nll_sum(logits: torch.Tensor, ids: list[int], first: int) -> float:
+    """Summed negative log-likelihood (nats) of ids[first:] under `logits` (len(ids), vocab), the
+    logits of the sequence `ids` itself: position i predicts ids[i + 1]."""
+    target = torch.tensor(ids[first:], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum").item()

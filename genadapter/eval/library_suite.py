@@ -41,7 +41,7 @@ from ..embedding import KINDS
 from ..library import Library
 from ..session import Session
 from . import metrics
-from .completion import completion_documents
+from .completion import completion_documents, nll_sum
 from .data import Question
 from .fictional import qa_examples
 from .limits import Limits
@@ -166,7 +166,7 @@ def _evaluate(model, library: Library, docs, limits: Limits, absorb_seconds: flo
                 nll[c] += value
                 record[c] = {"perplexity": metrics.perplexity([value], [len(d.target_ids) - 1])}
             else:
-                session = library.session(k) if k else Session(model, states[c])
+                session = routed[k] if k else Session(model, states[c])
                 context = d.absorbed if c == "prompt" else None
                 message = chat_message(d.question.text, context, QA_INSTRUCTION)
                 answer = session.chat(message, max_new_tokens=limits.library_new_tokens)
@@ -211,8 +211,7 @@ def _continuation_nll(model, d: LibraryDocument, condition: str, state, routed) 
         ids, first = target, 1
     x = torch.tensor([ids])
     logits = routed.logits(x)[0] if routed is not None else model.logits(x, [state])[0]
-    labels = torch.tensor(ids[first:], device=logits.device)
-    return torch.nn.functional.cross_entropy(logits[first - 1 : -1], labels, reduction="sum").item()
+    return nll_sum(logits, ids, first)
 
 
 def _row(name: str, names: list[str], methods, seconds, records, shared) -> dict:

@@ -24,7 +24,7 @@ from ..model import AdaptedModel
 from ..session import Session
 from . import metrics
 from .closedbook import closedbook_examples
-from .completion import completion_documents
+from .completion import completion_documents, nll_sum
 from .data import Example
 from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
@@ -213,10 +213,7 @@ QA_SCORER = {"f1": metrics.token_f1, "contains": metrics.contains_match}
 
 @torch.no_grad()
 def _nll_sum(model: AdaptedModel, ids: list[int], first: int, state) -> float:
-    logits = model.logits(torch.tensor([ids]), [state])[0]
-    target = torch.tensor(ids[first:], device=logits.device)
-    loss = torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum")
-    return loss.item()
+    return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
 
 
 def suite_completion(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
