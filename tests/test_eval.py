@@ -294,7 +294,16 @@ def test_sft_baseline_fits_the_context_on_a_copy(model):
 
 def test_eval_command_writes_table_json_and_charts(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "genadapter.cli", "eval", "--suite", "icl", "--suite", "icl"]
+        [
+            sys.executable,
+            "-m",
+            "genadapter.cli",
+            "eval",
+            "--suite",
+            "completion",
+            "--suite",
+            "completion",
+        ]
         + ["--limit", "tiny", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -302,11 +311,11 @@ def test_eval_command_writes_table_json_and_charts(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     table = out.stdout.splitlines()
-    assert "recovered" in table[0] and sum(line.startswith("icl ") for line in table) == 1
+    assert "recovered" in table[0] and sum(line.startswith("completion ") for line in table) == 1
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["suites"]) == ["icl"]  # a suite named twice runs once
+    assert list(results["suites"]) == ["completion"]  # a suite named twice runs once
     assert results["config"]["limit"] == "tiny" and results["config"]["seconds"] > 0
-    assert (tmp_path / "icl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "completion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_command_rejects_bad_arguments(tmp_path):

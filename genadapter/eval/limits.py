@@ -40,7 +40,7 @@ class Limits:
 
 LIMITS = {
     "tiny": Limits(
-        *(2, 128, 32, 2, 2, 2, (1024,), 1, 4, 2, 1, 2, 16, 4, 2, 1, ("ties",)),
+        *(2, 128, 32, 2, 2, 2, (512,), 1, 4, 2, 1, 2, 8, 2, 2, 1, ("ties",)),
         library_sizes=(2,),
         library_context=32,
         library_target=12,
