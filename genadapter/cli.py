@@ -455,9 +455,10 @@ def _add_library(sub) -> None:
     )
     search.add_argument(
         "--kind",
-        choices=("internal", "behaviour"),
-        default="internal",
-        help="embedding: the model's layer inputs (default) or its behaviour on probe prompts",
+        choices=("lexical", "internal", "behaviour"),  # embedding.KINDS (not imported here)
+        default="lexical",
+        help="embedding: the base's surprisal-weighted words (default), its layer inputs, or "
+        "its behaviour on probe prompts",
     )
     p.set_defaults(run=cmd_library)
 

@@ -20,7 +20,16 @@ library's search (library.py).
     PROJECTION_DIM,) float32 vector of norm 1 whose dot product with another is the mean over
     probes of the cosines of their (projected) shifts.
 
-Both depend on the embedded text or state alone, never on the rest of a library."""
+"lexical": from the base's reading of the words: a (vocab,) float32 vector holding, for each token
+    id of the text, the largest surprisal -log p (nats) the base gave that token where it occurs,
+    0 for ids the text lacks, scaled to norm 1. The text is read in the model's chunks
+    (chunk_tokens), each from its start, as absorbing reads it (a chunk's first token, which has
+    no prediction, gets the chunk's mean). A bag of words weighted by the model's own surprise:
+    rare names and terms weigh most, as an IDF would make them, without statistics of any
+    collection. A document's is made in the pass that absorbs it (Library.add); a question's by
+    the same reading.
+
+All three depend on the embedded text or state alone, never on the rest of a library."""
 
 from __future__ import annotations
 
@@ -33,8 +42,11 @@ from transformers import DynamicCache
 from .generation import cache_kwargs
 from .layers import bound
 from .routing import standardize
+from .text import DocumentError, chunked, token_stream
 
-KINDS = ("internal", "behaviour")
+KINDS = ("internal", "behaviour", "lexical")
+# What search uses unless told: the kind that found documents best (docs/LIBRARY.md).
+DEFAULT_KIND = "lexical"
 
 # Generic probe prompts, fixed: changing them changes BEHAVIOUR_VERSION (stored embeddings made
 # with other probes are then refused as foreign). Short (1-5 tokens), so the probes of one entry
@@ -63,6 +75,7 @@ PROJECTION_DIM = 64
 PROJECTION_SEED = 14
 # A prompt is cut to its first TEXT_TOKENS tokens before the probes (bounds the cost of a query).
 TEXT_TOKENS = 512
+LEXICAL_VERSION = "max-surprisal/1"
 BEHAVIOUR_VERSION = hashlib.sha256(
     repr((PROBES, SEPARATOR, PROJECTION_DIM, PROJECTION_SEED, TEXT_TOKENS, "logp-c")).encode()
 ).hexdigest()[:16]
@@ -74,6 +87,11 @@ _projections: dict[int, torch.Tensor] = {}
 def dimension() -> int:
     """Size of a behaviour embedding: P * PROJECTION_DIM."""
     return len(PROBES) * PROJECTION_DIM
+
+
+def vocab_size(model) -> int:
+    """Rows of the base's LM head: the size of a lexical embedding."""
+    return model.base.get_output_embeddings().weight.shape[0]
 
 
 def check_kind(kind: str) -> str:
@@ -191,3 +209,56 @@ def _embed(shift: torch.Tensor) -> torch.Tensor:
     z = shift.cpu() @ _projection(shift.shape[-1])
     z = z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) + 1e-12)
     return (z / len(PROBES) ** 0.5).reshape(-1)
+
+
+# -- lexical --------------------------------------------------------------------------------------
+
+
+class LexicalBag:
+    """Builds a lexical embedding from the base's reading of a text, batch by batch: `add` is
+    called with what the base read (Library.add passes it as Binding.on_hidden, so the lexical
+    embedding of a document comes from the same pass that absorbs it), `vector` gives the
+    embedding. Each row is one window (chunk) read from its start."""
+
+    def __init__(self, model):
+        self.head = model.base.get_output_embeddings()
+        self.bag = torch.zeros(vocab_size(model))
+
+    @torch.no_grad()
+    def add(self, ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> None:
+        """ids (b, t) long, mask (b, t) 1 for real tokens (right padding), hidden (b, t, d): the
+        base's last hidden states. Each real token's surprisal -log p (nats) under the base is
+        folded in by maximum; a window's first token gets the window's mean."""
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            x = ids[row, :n]
+            logits = self.head(hidden[row, : n - 1]).float()
+            s = logits.logsumexp(-1) - logits.gather(-1, x[1:, None])[:, 0]  # -log p
+            first = s.mean() if n > 1 else torch.ones((), device=s.device)
+            self.bag.scatter_reduce_(0, x.cpu(), torch.cat([first[None], s]).cpu(), "amax")
+
+    def vector(self) -> torch.Tensor:
+        """(vocab,) float32 of norm 1. Raises DocumentError when nothing was added."""
+        norm = self.bag.norm()
+        if norm == 0:
+            raise DocumentError("no text to embed")
+        return self.bag / norm
+
+
+@torch.no_grad()
+def lexical(model, documents) -> torch.Tensor:
+    """The lexical embedding of `documents` (a list of documents, each str, UTF-8 bytes or an
+    iterable of pieces as Session.absorb takes; a question is a list of one str): (vocab,)
+    float32 of norm 1, each token id's largest surprisal over all of them (module docstring).
+    The base alone reads them (no state) in the model's chunks (chunk_tokens), one per forward,
+    as absorbing reads a document, so a question and a stored document are embedded alike.
+
+    Raises DocumentError for an empty or non-text document."""
+    bag = LexicalBag(model)
+    with model.bind_states(None):
+        for document in documents:
+            for chunk in chunked(token_stream(model.tokenizer, document), model.chunk_tokens):
+                ids = torch.tensor([chunk], device=model.device)
+                hidden = model.base.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                bag.add(ids, torch.ones_like(ids), hidden)
+    return bag.vector()

@@ -3,6 +3,7 @@ capture of K^T V sums during a context pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ class Binding:
                 (routing.py, routed_linear); takes precedence over s_hat.
     input_sums: when not None during a capture, each layer adds the sum of its inputs over the
                 real tokens (d_in,) here: a library document's gates (library.py).
+    on_hidden:  when not None during a capture, called with each batch's token ids (b, t), its
+                token mask (b, t) and the base's last hidden states (b, t, d) (model.py): a
+                library document's lexical embedding (embedding.LexicalBag).
     """
 
     s_hat: dict[str, torch.Tensor] | None = None
@@ -42,6 +46,7 @@ class Binding:
     batched: bool = False
     routes: dict[str, Routes] | None = None
     input_sums: dict[str, torch.Tensor] | None = None
+    on_hidden: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
 
 class AdaptedLinear(nn.Module):

@@ -16,6 +16,13 @@ Layout of a library folder:
                                    written before it existed have none: it is then computed from
                                    the stored state when first needed (the same vector `add`
                                    would have stored) and kept in memory, never written by a read
+    entries/NAME/lexical.safetensors
+                                   the document's lexical embedding (embedding.py; 1 x vocab
+                                   float32 under the name "lexical", 192 KiB for the default
+                                   base), same container, bound to the state's checksum and to
+                                   embedding.LEXICAL_VERSION. It is made from the text, which the
+                                   library does not keep: an entry without it (added before it
+                                   existed) must be added again to be found by lexical search
 
 Every file is written atomically (state.atomic_write); an entry's files are written before the
 manifest names it, and the manifest forgets an entry before its files are deleted, so a crash
@@ -40,7 +47,7 @@ from . import embedding
 from .gates import background
 from .layers import bound
 from .library_entry import (
-    BEHAVIOUR_FILE,
+    EMBEDDING_FILES,
     FINGERPRINTS,
     FORMAT,
     GATES_FILE,
@@ -49,7 +56,7 @@ from .library_entry import (
     NoEntryError,
     check_name,
     documents,
-    read_behaviour,
+    read_embedding,
     read_gates,
     read_manifest,
     write_entry,
@@ -80,7 +87,7 @@ class Library:
         self._means: dict[str, torch.Tensor] | None = None
         self._downs: dict[str, torch.Tensor] | None = None
         self._routes: dict[str, dict] = {}  # gate kind -> layer -> (gates, center)
-        self._behaviour: dict[str, torch.Tensor] = {}  # entry name -> (D,) embedding
+        self._stored: dict[tuple[str, str], torch.Tensor] = {}  # (kind, entry) -> (D,) embedding
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -149,13 +156,14 @@ class Library:
             raise ValueError(f"the library already has an entry {name!r}; remove it first")
         texts = documents(document)
         start = time.perf_counter()
-        state, inputs = model.new_state(), {}
-        # The layers add their inputs' sums to `inputs` during the same context pass.
-        with bound(model.binding, input_sums=inputs):
+        state, inputs, bag = model.new_state(), {}, embedding.LexicalBag(model)
+        # The same context pass gives the gates (the layers add their inputs' sums to `inputs`)
+        # and the lexical embedding (the base's last hidden states go to `bag`).
+        with bound(model.binding, input_sums=inputs, on_hidden=bag.add):
             for doc in texts:
                 state.add_(model.encode(doc, progress=progress)[0])
         means = {n: s / state.tokens for n, s in inputs.items()}
-        write_entry(self.path / ENTRIES / name, model, state, means)
+        write_entry(self.path / ENTRIES / name, model, state, means, bag.vector())
         entry = {
             "tokens": state.tokens,
             "chunks": state.chunks,
@@ -204,13 +212,19 @@ class Library:
         names = [e.name for e in other.list()]
         for name in names:  # refuses damaged or foreign entries before anything is copied
             session, _ = checked.load(name)
-            read_behaviour(other.path / ENTRIES / name, self.model, session.state.checksum())
+            for kind in EMBEDDING_FILES:
+                read_embedding(
+                    other.path / ENTRIES / name, self.model, session.state.checksum(), kind
+                )
         for name in names:
-            for file in (STATE_FILE, GATES_FILE, BEHAVIOUR_FILE):
+            for file in (STATE_FILE, GATES_FILE, *EMBEDDING_FILES.values()):
                 target = self.path / ENTRIES / name / file
-                if file == BEHAVIOUR_FILE and not (other.path / ENTRIES / name / file).exists():
-                    target.unlink(missing_ok=True)  # not a crashed add's leftover: recomputed
-                    continue  # when needed, as in `other`
+                if (
+                    file in EMBEDDING_FILES.values()
+                    and not (other.path / ENTRIES / name / file).exists()
+                ):
+                    target.unlink(missing_ok=True)  # not a crashed add's leftover: the entry
+                    continue  # has none, as in `other`
                 atomic_write(target, (other.path / ENTRIES / name / file).read_bytes())
         copied = {n: dict(other._manifest["entries"][n]) for n in names}
         self._write_manifest({**self._manifest["entries"], **copied})
@@ -263,69 +277,81 @@ class Library:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def behaviour(self, name: str) -> torch.Tensor:
-        """The entry's behaviour embedding (D,) float32 (embedding.py), read from its file and
-        verified, or computed from its stored state when the entry predates the file.
+    def stored_embedding(self, name: str, kind: str) -> torch.Tensor:
+        """The entry's stored embedding of `kind` ("behaviour" or "lexical"), (D,) float32
+        (embedding.py), read from its file and verified. A behaviour embedding missing or made
+        with other probes is computed from the stored state (never written by a read).
 
-        A file made with other probes is recomputed the same way (never rewritten by a read).
-        Raises NoEntryError, CorruptStateError (a damaged file, or one that is not the state's the
-        manifest records), IncompatibleStateError (another model's); computing it, what `load`
-        raises."""
-        if name not in self._behaviour:
+        Raises NoEntryError, CorruptStateError (a damaged file, or one that is not the state's
+        the manifest records), IncompatibleStateError (another model's, or an entry added before
+        its lexical embedding existed: add it again); computing one, what `load` raises."""
+        if (kind, name) not in self._stored:
             model = self._need_model()
             if name not in self:
                 raise NoEntryError(f"the library {self.path} has no entry {name!r}")
             # Bound to the state the manifest records (which `load` checks the state against),
             # so search reads no state file unless the embedding must be computed.
             checksum = self._manifest["entries"][name]["state_sha256"]
-            vector = read_behaviour(self.path / ENTRIES / name, model, checksum)
+            vector = read_embedding(self.path / ENTRIES / name, model, checksum, kind)
+            if vector is None and kind == "lexical":
+                raise IncompatibleStateError(
+                    f"the entry {name!r} has no current lexical embedding (added by an older "
+                    "version): remove it and add it again"
+                )
             if vector is None:
                 vector = embedding.behaviour_of_state(model, self.load(name)[0].state)
-            self._behaviour[name] = vector
-        return self._behaviour[name]
+            self._stored[kind, name] = vector
+        return self._stored[kind, name]
 
-    def embed(self, text: str, kind: str = "internal") -> torch.Tensor:
+    def embed(self, text: str, kind: str = embedding.DEFAULT_KIND) -> torch.Tensor:
         """A fixed-size vector of `text` (a question, a prompt or a document) in the space of
         `embeddings(kind)` (embedding.py):
 
+        "lexical":   each token id's largest surprisal under the base, norm 1: (vocab,) float32.
         "internal":  per adapted layer the mean of the inputs the layer saw while `text` was
                      read, standardized and scaled to norm 1/sqrt(L) (L layers), concatenated:
-                     (sum of d_in,) float32. Raises as Session.absorb for empty or non-text input.
+                     (sum of d_in,) float32.
         "behaviour": the shift of the base's next-token log-distributions at the probe prompts
                      with `text` placed before each probe: (P * PROJECTION_DIM,) float32, norm 1.
-                     Raises ValueError for an empty text.
-        Raises ValueError for another kind."""
+        Raises ValueError for another kind, and for an empty or non-text `text` (DocumentError
+        is a ValueError)."""
         embedding.check_kind(kind)
         model = self._need_model()
         if kind == "behaviour":
             return embedding.behaviour_of_text(model, text)
+        if kind == "lexical":
+            return embedding.lexical(model, [text])
         means = embedding.input_means(model, text)
         return embedding.internal(means, self._center(INTERNAL_CENTRED))
 
-    def embeddings(self, kind: str = "internal") -> tuple[list[str], torch.Tensor]:
+    def embeddings(self, kind: str = embedding.DEFAULT_KIND) -> tuple[list[str], torch.Tensor]:
         """Every entry's name and embedding (N, D) float32 in the space of `embed(text, kind)`,
         in name order, each made from that entry's stored files alone (its gates for
-        "internal", its behaviour embedding for "behaviour"), so it does not depend on the rest
-        of the library. Raises ValueError for an unknown kind or an empty library, and what
-        `load` raises for a bad entry."""
+        "internal", its stored embedding for the others), so it does not depend on the rest of
+        the library. Raises ValueError for an unknown kind or an empty library, and what
+        `stored_embedding` or `load` raise for a bad entry."""
         embedding.check_kind(kind)
-        if kind == "behaviour":
+        if kind != "internal":
             self._need_model()
             if not len(self):
                 raise ValueError(f"the library {self.path} has no entries")
             names = [e.name for e in self.list()]
-            return names, torch.stack([self.behaviour(n) for n in names])
+            return names, torch.stack([self.stored_embedding(n, kind) for n in names])
         self._stack(folds=False)
         return [e.name for e in self.list()], embedding.internal(
             self._means, self._center(INTERNAL_CENTRED)
         )
 
-    def search(self, question: str, k: int = 5, kind: str = "internal") -> list[tuple[str, float]]:
+    def search(
+        self, question: str, k: int = 5, kind: str = embedding.DEFAULT_KIND
+    ) -> list[tuple[str, float]]:
         """The k entries whose embeddings (of `kind`) are nearest `question`'s, best first, with
-        their scores in [-1, 1]: for "internal" the mean over adapted layers of the cosine
-        between the question's and the document's standardized mean layer inputs, for
-        "behaviour" the mean over probes of the cosine between their projected shifts. Raises
-        ValueError for an unknown kind, an empty library, k < 1, or an empty question."""
+        their scores in [-1, 1]: the cosine of the two lexical vectors for "lexical" (the
+        default: it found documents best, docs/LIBRARY.md), for "internal" the mean over
+        adapted layers of the cosine between the question's and the document's standardized
+        mean layer inputs, for "behaviour" the mean over probes of the cosine between their
+        projected shifts. Raises ValueError for an unknown kind, an empty library, k < 1, or an
+        empty question."""
         embedding.check_kind(kind)
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
@@ -355,7 +381,7 @@ class Library:
         self._manifest = manifest
         self._means = self._downs = None
         self._routes = {}
-        self._behaviour = {}
+        self._stored = {}
 
 
 def _check_routable(model) -> None:

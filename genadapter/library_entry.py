@@ -1,6 +1,6 @@
 """The files of one library entry (library.py): writing them at `add`, reading and verifying them,
 and the manifest's checks. Every file is a checksummed AdapterState container written atomically;
-the gates and the behaviour embedding are bound to the state's checksum and the model's
+the gates and the stored embeddings are bound to the state's checksum and the model's
 fingerprints, so an entry's files cannot be mixed with another's or another model's."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ FORMAT = "genadapter-library/1"
 STATE_FILE = "state.safetensors"
 GATES_FILE = "gates.safetensors"
 GATES_KIND = "library-gates"
-BEHAVIOUR_FILE = "behaviour.safetensors"
-BEHAVIOUR_KIND = "library-behaviour"
+# The embeddings stored per entry (embedding.py), by kind: file name and version. "internal" is
+# made from the gates, so it has no file of its own.
+EMBEDDING_FILES = {"behaviour": "behaviour.safetensors", "lexical": "lexical.safetensors"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FINGERPRINTS = ("base_fingerprint", "generator_fingerprint")
 
@@ -45,19 +46,24 @@ class Entry:
     state_sha256: str
 
 
-def write_entry(folder: Path, model, state: AdapterState, means: dict[str, torch.Tensor]) -> None:
+def write_entry(
+    folder: Path, model, state: AdapterState, means: dict[str, torch.Tensor], lexical: torch.Tensor
+) -> None:
     """Save an entry's state (the saved-session format), its gates (`means`: layer name ->
-    (d_in,) float32 mean input) and its behaviour embedding (computed here: one forward of the
-    probes under the state) into `folder`."""
+    (d_in,) float32 mean input), its behaviour embedding (computed here: one forward of the
+    probes under the state) and its lexical embedding (`lexical`: (vocab,) float32, made from the
+    document's text by embedding.lexical) into `folder`."""
     meta = {k: getattr(model, k) for k in FINGERPRINTS}
     meta["state_sha256"] = state.checksum()
     gates = AdapterState({n: m.unsqueeze(0) for n, m in means.items()})
     gates.tokens = state.tokens
-    behaviour = AdapterState({"behaviour": embedding.behaviour_of_state(model, state)[None]})
     Session(model, state).save(folder / STATE_FILE)
     gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND))
-    version = embedding.BEHAVIOUR_VERSION
-    behaviour.save(folder / BEHAVIOUR_FILE, dict(meta, kind=BEHAVIOUR_KIND, version=version))
+    vectors = {"behaviour": embedding.behaviour_of_state(model, state), "lexical": lexical}
+    for kind, vector in vectors.items():
+        stored = AdapterState({kind: vector[None].float()})
+        meta_kind = dict(meta, kind=f"library-{kind}", version=_version(kind))
+        stored.save(folder / EMBEDDING_FILES[kind], meta_kind)
 
 
 def read_gates(folder: Path, model, checksum: str) -> dict[str, torch.Tensor]:
@@ -75,26 +81,33 @@ def read_gates(folder: Path, model, checksum: str) -> dict[str, torch.Tensor]:
     return {n: g[0] for n, g in gates.sums.items()}
 
 
-def read_behaviour(folder: Path, model, checksum: str) -> torch.Tensor | None:
-    """The entry's stored behaviour embedding (D,) float32, or None when the entry has no file
-    (made before it existed) or one made with other probes (embedding.BEHAVIOUR_VERSION): the
-    caller recomputes it from the verified state. Raises CorruptStateError (damaged, or not this
-    state's) and IncompatibleStateError (another model's, or of another size)."""
-    file = folder / BEHAVIOUR_FILE
+def read_embedding(folder: Path, model, checksum: str, kind: str) -> torch.Tensor | None:
+    """The entry's stored embedding of `kind` ("behaviour" or "lexical"), (D,) float32, or None
+    when the entry has no such file (made before it existed) or one of another version
+    (embedding.BEHAVIOUR_VERSION, LEXICAL_VERSION): the caller recomputes a behaviour embedding
+    from the verified state; a lexical one needs the text, which the library does not keep.
+    Raises CorruptStateError (damaged, or not this state's) and IncompatibleStateError (another
+    model's, or of another size)."""
+    file = folder / EMBEDDING_FILES[kind]
     if not file.exists():
         return None
     stored, meta = AdapterState.load(file)
-    if meta.get("kind") != BEHAVIOUR_KIND or stored.sums.keys() != {"behaviour"}:
-        raise CorruptStateError(f"{file}: not a behaviour embedding")
+    if meta.get("kind") != f"library-{kind}" or stored.sums.keys() != {kind}:
+        raise CorruptStateError(f"{file}: not a {kind} embedding")
     if meta.get("state_sha256") != checksum:
-        raise CorruptStateError(f"{file}: not the behaviour embedding of this entry")
+        raise CorruptStateError(f"{file}: not the {kind} embedding of this entry")
     _check_model(file, meta, model)
-    if meta.get("version") != embedding.BEHAVIOUR_VERSION:
-        return None  # other probes: recomputed from the verified state, as for a missing file
-    vector = stored.sums["behaviour"][0]
-    if vector.shape != (embedding.dimension(),):
+    if meta.get("version") != _version(kind):
+        return None
+    vector = stored.sums[kind][0]
+    size = embedding.dimension() if kind == "behaviour" else embedding.vocab_size(model)
+    if vector.shape != (size,):
         raise IncompatibleStateError(f"{file} holds an embedding of another size")
     return vector
+
+
+def _version(kind: str) -> str:
+    return embedding.BEHAVIOUR_VERSION if kind == "behaviour" else embedding.LEXICAL_VERSION
 
 
 def _check_model(file: Path, meta: dict, model) -> None:

@@ -139,6 +139,8 @@ class AdaptedModel:
                 use_cache=False,
                 output_hidden_states=layer_states,
             )
+        if self.binding.on_hidden is not None:
+            self.binding.on_hidden(ids, mask, out.last_hidden_state)
         if head is not None:
             hidden = out.hidden_states if layer_states else None
             sums[HEAD_NAME] = head_pairs(self.base, head, ids, mask, out.last_hidden_state, hidden)

@@ -244,7 +244,7 @@ def test_library_suite_rows_hold_every_condition(tiny_results):
             for c in CONDITIONS:
                 if c != "prompt":
                     assert record[c] == record["base"], c
-        assert set(row["retrieval"]) == {"internal", "behaviour"}
+        assert set(row["retrieval"]) == {"lexical", "internal", "behaviour"}
         assert row["decode"] is None  # not timed at tiny (bench_library is tested in test_bench)
 
 

@@ -128,6 +128,8 @@ def test_two_halves_merged_equal_one_library(random_model, built, tmp_path):
     assert list(map(key, merged.list())) == list(map(key, built.list()))
     ids = _ids(random_model)
     assert torch.equal(merged.session(k=2).logits(ids), built.session(k=2).logits(ids))
+    for kind in ("lexical", "behaviour"):  # the stored embeddings came along
+        assert torch.equal(merged.embeddings(kind)[1], built.embeddings(kind)[1]), kind
     with pytest.raises(ValueError, match="both libraries have entries named bees"):
         merged.merge(built)
 
@@ -270,6 +272,48 @@ def test_behaviour_embeddings_are_each_documents_own(random_model, built, tmp_pa
     assert torch.allclose(again.embeddings("behaviour")[1][0], docs[names.index("bees")], atol=1e-6)
 
 
+def _lexical_reference(model, text: str) -> torch.Tensor:
+    """The text read chunk by chunk (the model's chunk_tokens) by the transformers model: each
+    token id's largest surprisal (a chunk's first token gets the mean of the chunk's others),
+    scaled to norm 1."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    bag = torch.zeros(model.base.config.vocab_size)
+    for at in range(0, len(ids), model.chunk_tokens):
+        chunk = torch.tensor(ids[at : at + model.chunk_tokens])
+        with model.bind_states(None), torch.no_grad():
+            logits = model.base(input_ids=chunk[None]).logits[0, :-1].float()
+        s = -torch.log_softmax(logits, -1)[torch.arange(len(chunk) - 1), chunk[1:]]
+        for i, w in zip(chunk.tolist(), [s.mean().item(), *s.tolist()]):
+            bag[i] = max(bag[i].item(), w)
+    return bag / bag.norm()
+
+
+def test_lexical_embeddings_find_the_document_a_question_is_about(random_model, built, tmp_path):
+    names, docs = built.embeddings("lexical")
+    assert docs.shape == (len(DOCS), random_model.base.config.vocab_size)
+    # Against a plain reference on the same base; made from the document's text alone.
+    assert len(random_model.tokenizer.encode(DOCS["rail"])) > 2 * random_model.chunk_tokens
+    for name in ("rail", "tax"):  # rail: several chunks, absorbed 3 at a time (chunk_batch)
+        ref = _lexical_reference(random_model, DOCS[name])
+        assert (docs[names.index(name)] - ref).abs().max() < 1e-5, name
+    query = built.embed(QUESTIONS["tax"], "lexical")
+    assert (query - _lexical_reference(random_model, QUESTIONS["tax"])).abs().max() < 1e-5
+    # Lexical search is the default, and each question finds its document first on this base.
+    for name, question in QUESTIONS.items():
+        assert built.search(question, k=1)[0][0] == name, question
+    # A document given as a stream of pieces is embedded as the whole text.
+    alone = Library.create(tmp_path / "alone", random_model)
+    text = DOCS["bees"]
+    alone.add("bees", (text[i : i + 7] for i in range(0, len(text), 7)))
+    assert torch.equal(alone.embeddings("lexical")[1][0], docs[names.index("bees")])
+    # The text is not kept: an entry without its lexical file cannot be recomputed, only re-added.
+    (alone.path / "entries" / "bees" / "lexical.safetensors").unlink()
+    with pytest.raises(IncompatibleStateError, match="add it again"):
+        Library.open(alone.path, random_model).search("bees")
+    with pytest.raises(ValueError, match="empty"):
+        built.search("  ", kind="lexical")
+
+
 def test_corrupt_behaviour_embedding_fails_clearly(random_model, built, tmp_path):
     import shutil
 
@@ -284,3 +328,6 @@ def test_corrupt_behaviour_embedding_fails_clearly(random_model, built, tmp_path
     shutil.copy(entries / "bees" / "behaviour.safetensors", entries / "rail")
     with pytest.raises(CorruptStateError, match="not the behaviour embedding of this entry"):
         Library.open(tmp_path / "lib", random_model).embeddings("behaviour")
+    shutil.copy(entries / "bees" / "lexical.safetensors", entries / "tax")
+    with pytest.raises(CorruptStateError, match="not the lexical embedding of this entry"):
+        Library.open(tmp_path / "lib", random_model).search("penalty", kind="lexical")

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..embedding import check_kind
+from ..embedding import DEFAULT_KIND, check_kind
 from ..library import MANIFEST, Library, NoEntryError
 from ..library_entry import NAME_RE as ENTRY_NAME
 from ..model import AdaptedModel
@@ -87,7 +87,7 @@ class SearchBody(BaseModel):
 
     query: str = Field(min_length=1, max_length=100_000)
     k: int = Field(5, ge=1, le=MAX_SEARCH_K)
-    kind: str = "internal"  # the embedding, one of genadapter.embedding.KINDS
+    kind: str = DEFAULT_KIND  # the embedding, one of genadapter.embedding.KINDS
 
     @field_validator("kind")
     @classmethod
