@@ -1,16 +1,21 @@
-"""Held-out real documents for the completion task: absorb all but the last K tokens of a document,
-score the last K. Documents come from the installed Debian corpora (genadapter.corpora), only from
-an evaluation split, so training never sees them (see data.is_eval_document)."""
+"""The completion suite (suite_completion, run by runner.run_suites): held-out real documents,
+absorb all but the last K tokens of a document and score the last K. Documents come from the
+installed Debian corpora (genadapter.corpora), only from an evaluation split, so training never
+sees them (see data.is_eval_document)."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import corpora
+from . import metrics
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +81,65 @@ def nll_sum(logits: torch.Tensor, ids: list[int], first: int) -> float:
     logits of the sequence `ids` itself: position i predicts ids[i + 1]."""
     target = torch.tensor(ids[first:], device=logits.device)
     return torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum").item()
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _nll_sum(model, ids: list[int], first: int, state) -> float:
+    return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
+
+
+def suite_completion(model, limits: Limits, seed: int, split: str, progress: bool):
+    """Perplexity of the last K tokens of held-out documents. Every method scores the same K - 1
+    tokens (all but the first target token, which base and adapter have nothing to predict from)."""
+    docs = completion_documents(
+        model.tokenizer,
+        limits.completion_documents,
+        limits.completion_context,
+        limits.completion_target,
+        seed,
+        split,
+    )
+    sums = {m: 0.0 for m in ("base", "prompt", "adapter")}
+    seconds = dict(sums)
+    absorb_seconds, scored, records = 0.0, 0, []
+    for doc in tqdm(docs, desc="completion", unit="doc", disable=not progress):
+        target, n = doc.target_ids, len(doc.target_ids) - 1
+        # Prompting keeps the most recent context that fits the window with the target.
+        context = doc.context_ids[-(model.max_positions - len(target)) :]
+        start = time.perf_counter()
+        session = model.session()
+        session.absorb(model.tokenizer.decode(doc.context_ids))
+        absorb_seconds += time.perf_counter() - start
+        record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
+        for method, ids, first, state in (
+            ("base", target, 1, None),
+            ("prompt", context + target, len(context) + 1, None),
+            ("adapter", target, 1, session.state),
+        ):
+            start = time.perf_counter()
+            nll = _nll_sum(model, ids, first, state)
+            seconds[method] += time.perf_counter() - start
+            sums[method] += nll
+            record[method] = {"perplexity": metrics.perplexity([nll], [n])}
+        scored += n
+        records.append(record)
+    methods = {
+        m: {"perplexity": metrics.perplexity([sums[m]], [scored]), "seconds": seconds[m]}
+        for m in sums
+    }
+    methods["adapter"]["absorb_seconds"] = absorb_seconds
+    return [
+        {
+            "name": "completion",
+            "metric": "perplexity",
+            "metrics": ["perplexity"],
+            "higher_is_better": False,
+            "n": len(records),
+            "methods": methods,
+            "recovered": metrics.recovered(methods, ["perplexity"]),
+            "records": records,
+        }
+    ]

@@ -71,3 +71,12 @@ def recovered_fraction(base: float, prompt: float, adapter: float) -> float | No
     if abs(gain) < 1e-9:
         return None
     return (adapter - base) / gain
+
+
+def recovered(methods: dict, names) -> dict[str, float | None]:
+    """Per metric in `names`, recovered_fraction of a row's methods (name -> metric -> value);
+    empty unless the row has base, prompt and adapter."""
+    if not all(m in methods for m in ("base", "prompt", "adapter")):
+        return {}
+    b, p, a = methods["base"], methods["prompt"], methods["adapter"]
+    return {k: recovered_fraction(b[k], p[k], a[k]) for k in names}

@@ -24,7 +24,7 @@ from ..model import AdaptedModel
 from ..session import Session
 from . import metrics
 from .closedbook import closedbook_examples
-from .completion import completion_documents, nll_sum
+from .completion import suite_completion
 from .data import Example
 from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
@@ -194,80 +194,14 @@ def _row(name: str, scorer: Scorer, methods: dict, records: list[dict]) -> dict:
         "higher_is_better": True,
         "n": len(records),
         "methods": methods,
-        "recovered": _recovered(methods, scorer.metrics),
+        "recovered": metrics.recovered(methods, scorer.metrics),
         "records": records,
     }
-
-
-def _recovered(methods: dict, names) -> dict[str, float | None]:
-    if not all(m in methods for m in ("base", "prompt", "adapter")):
-        return {}
-    b, p, a = methods["base"], methods["prompt"], methods["adapter"]
-    return {k: metrics.recovered_fraction(b[k], p[k], a[k]) for k in names}
 
 
 # -- suites --------------------------------------------------------------------------------------
 
 QA_SCORER = {"f1": metrics.token_f1, "contains": metrics.contains_match}
-
-
-@torch.no_grad()
-def _nll_sum(model: AdaptedModel, ids: list[int], first: int, state) -> float:
-    return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
-
-
-def suite_completion(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
-    """Perplexity of the last K tokens of held-out documents. Every method scores the same K - 1
-    tokens (all but the first target token, which base and adapter have nothing to predict from)."""
-    docs = completion_documents(
-        model.tokenizer,
-        limits.completion_documents,
-        limits.completion_context,
-        limits.completion_target,
-        seed,
-        split,
-    )
-    sums = {m: 0.0 for m in METHODS[:3]}
-    seconds = {m: 0.0 for m in METHODS[:3]}
-    absorb_seconds, scored, records = 0.0, 0, []
-    for doc in tqdm(docs, desc="completion", unit="doc", disable=not progress):
-        target, n = doc.target_ids, len(doc.target_ids) - 1
-        # Prompting keeps the most recent context that fits the window with the target.
-        context = doc.context_ids[-(model.max_positions - len(target)) :]
-        start = time.perf_counter()
-        session = model.session()
-        session.absorb(model.tokenizer.decode(doc.context_ids))
-        absorb_seconds += time.perf_counter() - start
-        record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
-        for method, ids, first, state in (
-            ("base", target, 1, None),
-            ("prompt", context + target, len(context) + 1, None),
-            ("adapter", target, 1, session.state),
-        ):
-            start = time.perf_counter()
-            nll = _nll_sum(model, ids, first, state)
-            seconds[method] += time.perf_counter() - start
-            sums[method] += nll
-            record[method] = {"perplexity": metrics.perplexity([nll], [n])}
-        scored += n
-        records.append(record)
-    methods = {
-        m: {"perplexity": metrics.perplexity([sums[m]], [scored]), "seconds": seconds[m]}
-        for m in sums
-    }
-    methods["adapter"]["absorb_seconds"] = absorb_seconds
-    return [
-        {
-            "name": "completion",
-            "metric": "perplexity",
-            "metrics": ["perplexity"],
-            "higher_is_better": False,
-            "n": len(records),
-            "methods": methods,
-            "recovered": _recovered(methods, ["perplexity"]),
-            "records": records,
-        }
-    ]
 
 
 def suite_qa(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
