@@ -45,7 +45,6 @@ import torch
 
 from . import embedding
 from .gates import background
-from .layers import bound
 from .library_entry import (
     EMBEDDING_FILES,
     FINGERPRINTS,
@@ -53,18 +52,19 @@ from .library_entry import (
     GATES_FILE,
     STATE_FILE,
     Entry,
+    EntryDraft,
     NoEntryError,
     check_name,
     documents,
     read_embedding,
     read_gates,
     read_manifest,
-    write_entry,
 )
 from .library_session import RoutedSession
 from .routing import Routes, standardize
 from .session import AbsorbStats, Session
 from .state import CorruptStateError, IncompatibleStateError, atomic_write
+from .text import chunked, token_stream
 
 MANIFEST = "library.json"
 ENTRIES = "entries"
@@ -156,23 +156,25 @@ class Library:
             raise ValueError(f"the library already has an entry {name!r}; remove it first")
         texts = documents(document)
         start = time.perf_counter()
-        state, inputs, bag = model.new_state(), {}, embedding.LexicalBag(model)
-        # The same context pass gives the gates (the layers add their inputs' sums to `inputs`)
-        # and the lexical embedding (the base's last hidden states go to `bag`).
-        with bound(model.binding, input_sums=inputs, on_hidden=bag.add):
-            for doc in texts:
-                state.add_(model.encode(doc, progress=progress)[0])
-        means = {n: s / state.tokens for n, s in inputs.items()}
-        write_entry(self.path / ENTRIES / name, model, state, means, bag.vector())
-        entry = {
-            "tokens": state.tokens,
-            "chunks": state.chunks,
-            "documents": state.documents,
-            "added": time.time(),
-            "state_sha256": state.checksum(),
-        }
+        draft = EntryDraft(model)
+        for doc in texts:
+            draft.encode(chunked(token_stream(model.tokenizer, doc), model.chunk_tokens), progress)
+            draft.state.documents += 1
+        self.commit(name, draft)
+        return AbsorbStats(draft.state.tokens, draft.state.chunks, time.perf_counter() - start)
+
+    def commit(self, name: str, draft: EntryDraft) -> None:
+        """Write `draft` (an EntryDraft absorbed with this library's model: `add` in steps, as
+        the server does) as the entry `name`. Raises ValueError for a bad or taken name or a
+        draft of another model, DocumentError for one that absorbed nothing; the library is
+        then unchanged."""
+        check_name(name)
+        if name in self:
+            raise ValueError(f"the library already has an entry {name!r}; remove it first")
+        if draft.model is not self._need_model():
+            raise ValueError("the draft was absorbed with another model than the library's")
+        entry = draft.write(self.path / ENTRIES / name)
         self._write_manifest({**self._manifest["entries"], name: entry})
-        return AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
 
     def remove(self, name: str) -> None:
         """Delete the entry `name`. Raises NoEntryError (a KeyError) when there is none."""
@@ -389,4 +391,4 @@ def _check_routable(model) -> None:
         raise ValueError("the adapter library does not route a generator's LM-head adapter yet")
 
 
-__all__ = ["Entry", "Library", "NoEntryError", "RoutedSession"]
+__all__ = ["Entry", "EntryDraft", "Library", "NoEntryError", "RoutedSession"]

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import embedding
+from .layers import bound
 from .session import Session
 from .state import AdapterState, CorruptStateError, IncompatibleStateError
+from .text import DocumentError
 
 FORMAT = "genadapter-library/1"
 STATE_FILE = "state.safetensors"
@@ -44,6 +48,42 @@ class Entry:
     documents: int
     added: float
     state_sha256: str
+
+
+class EntryDraft:
+    """An entry being absorbed: its state, the sums of each adapted layer's inputs (its gates)
+    and its lexical embedding, all from the one context pass that absorbs it. `encode` takes any
+    number of token chunks per call (so a server absorbs a long document a few chunks at a time,
+    between decode steps, in its model thread); Library.commit writes it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = model.new_state()
+        self.inputs: dict[str, torch.Tensor] = {}  # layer name -> (d_in,) sum of inputs
+        self.bag = embedding.LexicalBag(model)
+
+    def encode(self, chunks: Iterable[list[int]], progress: bool = False) -> None:
+        """Absorb token chunks (each of 1..max_positions ids) as model.encode_chunks does;
+        raises ValueError for a chunk of another length. Count a finished document with
+        `state.documents += 1`."""
+        with bound(self.model.binding, input_sums=self.inputs, on_hidden=self.bag.add):
+            self.state.add_(self.model.encode_chunks(chunks, progress=progress))
+
+    def write(self, folder: Path) -> dict:
+        """Write the entry's files into `folder` (write_entry) and return its manifest record
+        (Entry's fields but the name). Raises DocumentError when nothing was absorbed."""
+        state = self.state
+        if not state.tokens:
+            raise DocumentError("nothing was absorbed into this entry")
+        means = {n: s / state.tokens for n, s in self.inputs.items()}
+        write_entry(folder, self.model, state, means, self.bag.vector())
+        return {
+            "tokens": state.tokens,
+            "chunks": state.chunks,
+            "documents": state.documents,
+            "added": time.time(),
+            "state_sha256": state.checksum(),
+        }
 
 
 def write_entry(

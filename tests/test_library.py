@@ -11,7 +11,7 @@ from genadapter.library import MANIFEST, Library
 from genadapter.routing import Routes, mixed_down, route, standardize
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
-from .conftest import DOCUMENT
+from .conftest import DOCUMENT, TEST_CHUNK
 
 DOCS = {
     "rail": DOCUMENT,
@@ -270,6 +270,31 @@ def test_behaviour_embeddings_are_each_documents_own(random_model, built, tmp_pa
     (alone.path / "entries" / "bees" / "behaviour.safetensors").unlink()
     again = Library.open(alone.path, random_model)
     assert torch.allclose(again.embeddings("behaviour")[1][0], docs[names.index("bees")], atol=1e-6)
+
+
+def test_an_entry_absorbed_in_steps_equals_one_added_whole(random_model, built, tmp_path):
+    from genadapter.library import EntryDraft
+    from genadapter.text import chunked, token_stream
+
+    lib = Library.create(tmp_path / "steps", random_model)
+    draft = EntryDraft(random_model)
+    with pytest.raises(ValueError, match="nothing was absorbed"):
+        lib.commit("rail", draft)
+    for chunk in chunked(token_stream(random_model.tokenizer, DOCS["rail"]), TEST_CHUNK):
+        draft.encode([chunk])  # one chunk per call, as the server's model thread does
+    draft.state.documents = 1
+    lib.commit("rail", draft)
+    with pytest.raises(ValueError, match="already has an entry"):
+        lib.commit("rail", draft)
+    # Unpadded one-chunk forwards against add's padded batches of 3: equal to float rounding.
+    whole, gates = built.load("rail")
+    steps, step_gates = lib.load("rail")
+    assert steps.state.tokens == whole.state.tokens and steps.state.documents == 1
+    for n in gates:
+        assert torch.allclose(step_gates[n], gates[n], atol=1e-4), n
+        assert torch.allclose(steps.state.sums[n], whole.state.sums[n], rtol=1e-4, atol=1e-4), n
+    names, lexical = built.embeddings("lexical")
+    assert torch.allclose(lib.embeddings("lexical")[1][0], lexical[names.index("rail")], atol=1e-5)
 
 
 def _lexical_reference(model, text: str) -> torch.Tensor:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import httpx
 import pytest
+import torch
 
 from genadapter.generation import SamplingParams
 from genadapter.library import Library
@@ -168,6 +170,33 @@ def test_bad_library_requests_get_the_error_shape(server, method, path, body, st
     error = r.json()["error"]
     assert error["message"] and (code is None or error["code"] == code), error
     assert param is None or error["param"] == param, error
+
+
+def test_adding_a_long_document_does_not_hold_up_a_chat(server, random_model):
+    """The model thread absorbs a library document a chunk per turn: a chat sent while a long
+    document is being added is answered before the add ends (it waited for all of it before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = " ".join([DOCS["bees"]] * 19)  # just under the test server's 1,000-token limit
+    assert len(random_model.tokenizer.encode(text)) > 14 * random_model.chunk_tokens
+    new_library(server, "long")
+    with ThreadPoolExecutor(1) as pool:
+        body = {"text": text, "name": "bees"}
+        add = pool.submit(server.http.post, f"{LIB}/long/documents", json=body)
+        # Under way by then (absorbing its 15 chunks takes seconds); were it not, the chat would
+        # still come first, so the wait cannot fail the test, only let it miss the old behaviour.
+        time.sleep(0.3)
+        r = server.http.post(CHAT, json={"messages": ask("Hi"), "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+        assert not add.done(), "the chat waited for the whole document"
+        assert add.result().status_code == 201, add.result().text
+    # Absorbed a chunk at a time, the entry is the document's: the state a session makes.
+    stored = Library.open(server.store / "libraries" / "long", random_model).load("bees")[0]
+    direct = random_model.session()
+    direct.absorb(text)
+    assert stored.state.tokens == direct.state.tokens and stored.state.documents == 1
+    for n, s in direct.state.sums.items():
+        assert torch.allclose(stored.state.sums[n], s, rtol=1e-4, atol=1e-4), n
 
 
 def test_a_bad_library_request_leaves_another_users_chat_alone(server, random_model, one):

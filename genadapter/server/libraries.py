@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..embedding import DEFAULT_KIND, check_kind
-from ..library import MANIFEST, Library, NoEntryError
+from ..library import MANIFEST, EntryDraft, Library, NoEntryError
 from ..library_entry import NAME_RE as ENTRY_NAME
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
@@ -309,13 +309,25 @@ def library_router(
                     )
                 start = time.perf_counter()
                 with library_errors(name):
-                    worker.call(lambda: library.add(entry, data)).result()
+                    absorb(library, entry, data)
                 seconds = time.perf_counter() - start
                 (added,) = [e for e in library.list() if e.name == entry]
             info = {"object": "library.document", "library": name, "entry": entry_info(added)}
             return {**info, "bytes": len(data), "seconds": round(seconds, 3)}
 
         return await in_thread(add)
+
+    def absorb(library: Library, entry: str, data: bytes) -> None:
+        """Add `data` as the entry: the model thread absorbs it a few chunks per call (the
+        worker's encode_chunks_per_turn, as a session's absorb), so running chats go on between
+        the calls, then writes it (Library.commit)."""
+        draft = EntryDraft(model)
+        chunks = list(chunked(token_stream(model.tokenizer, data), model.chunk_tokens))
+        step = max(1, worker.encode_chunks_per_turn)
+        for at in range(0, len(chunks), step):
+            worker.call(lambda part=chunks[at : at + step]: draft.encode(part)).result()
+        draft.state.documents = 1
+        worker.call(lambda: library.commit(entry, draft)).result()
 
     def count_tokens(data: bytes) -> None:
         """Refuse a document over the token limit (413) or not UTF-8 (DocumentError: 422)."""

@@ -130,8 +130,9 @@ class ModelWorker:
 
     def call(self, fn: Callable) -> Future:
         """Future of `fn()` run whole in the model thread between two decode steps (the chats
-        wait): work with forwards of its own (a library's add, search), which must not overlap
-        the batch's, as all forwards share the layers' binding. Its exception goes to the future."""
+        wait): work with forwards of its own (a step of a library add, a search), which must not
+        overlap the batch's, as all forwards share the layers' binding. Its exception goes to the
+        future."""
         job = _CallJob(fn, Future())
         if self._stopping:
             _shut(job.future)
