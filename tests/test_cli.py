@@ -117,9 +117,10 @@ def test_library_commands_add_list_and_remove(tmp_path, capsys):
     assert stdout.startswith(f"rail\t{entry.tokens} tokens")
     assert stdout.splitlines()[-1] == f"1 entries in {lib}"
     argv = ["library", "search", str(lib), "When was the line electrified?", "--k", "3"]
-    assert cli.main([*argv, "--kind", "behaviour", "--device", "cpu"]) == 0
-    (line,) = capsys.readouterr().out.splitlines()  # one entry, however large --k
-    assert line.endswith("\trail") and -1 <= float(line.split()[0]) <= 1
+    for kind in ([], ["--kind", "behaviour"]):  # lexical (the default), then another kind
+        assert cli.main([*argv, *kind, "--device", "cpu"]) == 0
+        (line,) = capsys.readouterr().out.splitlines()  # one entry, however large --k
+        assert line.endswith("\trail") and -1 <= float(line.split()[0]) <= 1
     assert cli.main(["library", "rm", str(lib), "nope"]) == 2
     assert "no entry 'nope'" in capsys.readouterr().err
     assert cli.main(["library", "rm", str(lib), "rail"]) == 0 and Library.open(lib).list() == []
