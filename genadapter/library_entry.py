@@ -91,8 +91,8 @@ def write_entry(
 ) -> None:
     """Save an entry's state (the saved-session format), its gates (`means`: layer name ->
     (d_in,) float32 mean input), its behaviour embedding (computed here: one forward of the
-    probes under the state) and its lexical embedding (`lexical`: (vocab,) float32, made from the
-    document's text by embedding.lexical) into `folder`."""
+    probes under the state) and its lexical embedding (`lexical`: (vocab,) float32, the
+    embedding.LexicalBag filled by the pass that absorbed the document) into `folder`."""
     meta = {k: getattr(model, k) for k in FINGERPRINTS}
     meta["state_sha256"] = state.checksum()
     gates = AdapterState({n: m.unsqueeze(0) for n, m in means.items()})

@@ -294,16 +294,7 @@ def test_sft_baseline_fits_the_context_on_a_copy(model):
 
 def test_eval_command_writes_table_json_and_charts(tmp_path):
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "genadapter.cli",
-            "eval",
-            "--suite",
-            "completion",
-            "--suite",
-            "completion",
-        ]
+        [sys.executable, "-m", "genadapter.cli", "eval", *["--suite", "completion"] * 2]
         + ["--limit", "tiny", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
