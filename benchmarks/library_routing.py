@@ -2,7 +2,8 @@
 suite's test split), each absorbed as one library entry; for the first --queries of them, the
 perplexity of their held-out continuation with no context, under the summed state of all N,
 routed (k = 1, 2, 4) and under their own state alone (the oracle); and search accuracy@1/@5 of
-both embeddings with the continuation as the query.
+the internal and behaviour embeddings with the continuation as the query (the lexical one:
+benchmarks/library_search.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/library_routing.py \
         --generator training/checkpoints/smollm2-135m-v0 --sizes 8 32 --search-sizes 8 32 128

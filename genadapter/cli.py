@@ -456,9 +456,9 @@ def _add_library(sub) -> None:
     search.add_argument(
         "--kind",
         choices=("lexical", "internal", "behaviour"),  # embedding.KINDS (not imported here)
-        default="lexical",
-        help="embedding: the base's surprisal-weighted words (default), its layer inputs, or "
-        "its behaviour on probe prompts",
+        default=None,
+        help="embedding: the base's surprisal-weighted words (the default; internal while some "
+        "entry predates them), its layer inputs, or its behaviour on probe prompts",
     )
     p.set_defaults(run=cmd_library)
 

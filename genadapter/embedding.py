@@ -228,7 +228,8 @@ class LexicalBag:
     def add(self, ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> None:
         """ids (b, t) long, mask (b, t) 1 for real tokens (right padding), hidden (b, t, d): the
         base's last hidden states. Each real token's surprisal -log p (nats) under the base is
-        folded in by maximum; a window's first token gets the window's mean."""
+        folded in by maximum; a window's first token gets the window's mean (1.0 for a window of
+        one token, which has no prediction at all)."""
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
             x = ids[row, :n]

@@ -17,12 +17,10 @@ Layout of a library folder:
                                    the stored state when first needed (the same vector `add`
                                    would have stored) and kept in memory, never written by a read
     entries/NAME/lexical.safetensors
-                                   the document's lexical embedding (embedding.py; 1 x vocab
-                                   float32 under the name "lexical", 192 KiB for the default
-                                   base), same container, bound to the state's checksum and to
-                                   embedding.LEXICAL_VERSION. It is made from the text, which the
-                                   library does not keep: an entry without it (added before it
-                                   existed) must be added again to be found by lexical search
+                                   its lexical embedding (1 x vocab float32, "lexical"), same
+                                   container, bound likewise and to embedding.LEXICAL_VERSION;
+                                   made from the text, which is not kept: an entry without it
+                                   must be added again to be searched lexically
 
 Every file is written atomically (state.atomic_write); an entry's files are written before the
 manifest names it, and the manifest forgets an entry before its files are deleted, so a crash
@@ -36,6 +34,7 @@ that routing builds in memory (N r2 sum(d_in) floats, 8 MiB per entry for the de
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -53,6 +52,7 @@ from .library_entry import (
     STATE_FILE,
     Entry,
     EntryDraft,
+    MissingEmbeddingError,
     NoEntryError,
     check_name,
     documents,
@@ -65,6 +65,8 @@ from .routing import Routes, standardize
 from .session import AbsorbStats, Session
 from .state import CorruptStateError, IncompatibleStateError, atomic_write
 from .text import chunked, token_stream
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "library.json"
 ENTRIES = "entries"
@@ -219,15 +221,12 @@ class Library:
                     other.path / ENTRIES / name, self.model, session.state.checksum(), kind
                 )
         for name in names:
+            src, dst = other.path / ENTRIES / name, self.path / ENTRIES / name
             for file in (STATE_FILE, GATES_FILE, *EMBEDDING_FILES.values()):
-                target = self.path / ENTRIES / name / file
-                if (
-                    file in EMBEDDING_FILES.values()
-                    and not (other.path / ENTRIES / name / file).exists()
-                ):
-                    target.unlink(missing_ok=True)  # not a crashed add's leftover: the entry
-                    continue  # has none, as in `other`
-                atomic_write(target, (other.path / ENTRIES / name / file).read_bytes())
+                if (src / file).exists():
+                    atomic_write(dst / file, (src / file).read_bytes())
+                else:  # an embedding file `other` lacks (its state and gates were read above):
+                    (dst / file).unlink(missing_ok=True)  # not a crashed add's leftover either
         copied = {n: dict(other._manifest["entries"][n]) for n in names}
         self._write_manifest({**self._manifest["entries"], **copied})
         return names
@@ -285,8 +284,9 @@ class Library:
         with other probes is computed from the stored state (never written by a read).
 
         Raises NoEntryError, CorruptStateError (a damaged file, or one that is not the state's
-        the manifest records), IncompatibleStateError (another model's, or an entry added before
-        its lexical embedding existed: add it again); computing one, what `load` raises."""
+        the manifest records), IncompatibleStateError (another model's), MissingEmbeddingError
+        (a lexical one of an entry added before it existed: add it again); computing one, what
+        `load` raises."""
         if (kind, name) not in self._stored:
             model = self._need_model()
             if name not in self:
@@ -296,9 +296,9 @@ class Library:
             checksum = self._manifest["entries"][name]["state_sha256"]
             vector = read_embedding(self.path / ENTRIES / name, model, checksum, kind)
             if vector is None and kind == "lexical":
-                raise IncompatibleStateError(
+                raise MissingEmbeddingError(
                     f"the entry {name!r} has no current lexical embedding (added by an older "
-                    "version): remove it and add it again"
+                    "version): remove it and add it again, or search with kind 'internal'"
                 )
             if vector is None:
                 vector = embedding.behaviour_of_state(model, self.load(name)[0].state)
@@ -344,19 +344,29 @@ class Library:
             self._means, self._center(INTERNAL_CENTRED)
         )
 
-    def search(
-        self, question: str, k: int = 5, kind: str = embedding.DEFAULT_KIND
-    ) -> list[tuple[str, float]]:
+    def search(self, question: str, k: int = 5, kind: str | None = None) -> list[tuple[str, float]]:
         """The k entries whose embeddings (of `kind`) are nearest `question`'s, best first, with
-        their scores in [-1, 1]: the cosine of the two lexical vectors for "lexical" (the
-        default: it found documents best, docs/LIBRARY.md), for "internal" the mean over
-        adapted layers of the cosine between the question's and the document's standardized
-        mean layer inputs, for "behaviour" the mean over probes of the cosine between their
-        projected shifts. Raises ValueError for an unknown kind, an empty library, k < 1, or an
-        empty question."""
-        embedding.check_kind(kind)
+        their scores in [-1, 1]: the cosine of the two lexical vectors for "lexical" (0: no token
+        in common), for "internal" the mean over adapted layers of the cosine between the
+        question's and the document's standardized mean layer inputs, for "behaviour" the mean
+        over probes of the cosine between their projected shifts. kind None: "lexical" (it
+        found documents best, docs/LIBRARY.md), or "internal", with a warning, while some entry
+        predates lexical embeddings. Raises ValueError for an unknown kind, an empty library,
+        k < 1, or a question that is not a non-empty str (before any entry is read), and
+        MissingEmbeddingError for kind "lexical" over such an older entry."""
+        if kind is not None:
+            embedding.check_kind(kind)
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question must be a non-empty text")
+        if kind is None:
+            kind = embedding.DEFAULT_KIND
+            try:
+                self.embeddings(kind)  # kept: the search below stacks them again, from memory
+            except MissingEmbeddingError as e:
+                log.warning("%s; searching %s with kind 'internal'", e, self.path)
+                kind = "internal"
         names, docs = self.embeddings(kind)
         scores = docs @ self.embed(question, kind).to(docs.device)
         top = scores.topk(min(k, len(names)))
@@ -391,4 +401,5 @@ def _check_routable(model) -> None:
         raise ValueError("the adapter library does not route a generator's LM-head adapter yet")
 
 
-__all__ = ["Entry", "EntryDraft", "Library", "NoEntryError", "RoutedSession"]
+__all__ = ["Entry", "EntryDraft", "Library", "MissingEmbeddingError", "NoEntryError"]
+__all__ += ["RoutedSession"]

@@ -31,6 +31,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FINGERPRINTS = ("base_fingerprint", "generator_fingerprint")
 
 
+class MissingEmbeddingError(ValueError):
+    """An entry has no current stored embedding of a kind that cannot be recomputed from its
+    state (lexical: made from the text, which the library does not keep); add it again."""
+
+
 class NoEntryError(KeyError):
     """The library has no entry of that name."""
 

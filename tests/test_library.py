@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genadapter.layers import routed_linear
-from genadapter.library import MANIFEST, Library
+from genadapter.library import MANIFEST, Library, MissingEmbeddingError
 from genadapter.routing import Routes, mixed_down, route, standardize
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
@@ -313,7 +313,9 @@ def _lexical_reference(model, text: str) -> torch.Tensor:
     return bag / bag.norm()
 
 
-def test_lexical_embeddings_find_the_document_a_question_is_about(random_model, built, tmp_path):
+def test_lexical_embeddings_find_the_document_a_question_is_about(
+    random_model, built, tmp_path, caplog
+):
     names, docs = built.embeddings("lexical")
     assert docs.shape == (len(DOCS), random_model.base.config.vocab_size)
     # Against a plain reference on the same base; made from the document's text alone.
@@ -331,12 +333,18 @@ def test_lexical_embeddings_find_the_document_a_question_is_about(random_model, 
     text = DOCS["bees"]
     alone.add("bees", (text[i : i + 7] for i in range(0, len(text), 7)))
     assert torch.equal(alone.embeddings("lexical")[1][0], docs[names.index("bees")])
-    # The text is not kept: an entry without its lexical file cannot be recomputed, only re-added.
+    # The text is not kept: an entry without its lexical file (added before it existed) cannot
+    # be searched lexically; the default search then falls back to the internal embedding.
     (alone.path / "entries" / "bees" / "lexical.safetensors").unlink()
-    with pytest.raises(IncompatibleStateError, match="add it again"):
-        Library.open(alone.path, random_model).search("bees")
-    with pytest.raises(ValueError, match="empty"):
-        built.search("  ", kind="lexical")
+    old = Library.open(alone.path, random_model)
+    with pytest.raises(MissingEmbeddingError, match="add it again"):
+        old.search("bees", kind="lexical")
+    with caplog.at_level("WARNING", logger="genadapter.library"):
+        assert old.search("bees") == old.search("bees", kind="internal")
+    assert "searching" in caplog.text and "with kind 'internal'" in caplog.text
+    for bad in ("  ", None, b"bees"):  # refused before any entry is read, whatever the kind
+        with pytest.raises(ValueError, match="non-empty text"):
+            old.search(bad, kind="lexical")
 
 
 def test_corrupt_behaviour_embedding_fails_clearly(random_model, built, tmp_path):

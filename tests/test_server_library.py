@@ -221,6 +221,14 @@ def test_a_bad_library_request_leaves_another_users_chat_alone(server, random_mo
     # The internal embedding reads the entries' states (lexical search reads its own files).
     search = server.http.post(f"{LIB}/damaged/search", json={"query": "bees", "kind": "internal"})
     assert_error(search, 500, "corrupt_state")  # not a 422 on the query
+    # An entry added before lexical embeddings existed: the default search falls back to the
+    # internal embedding; a lexical one is refused with the error shape.
+    shutil.copytree(one.path, server.store / "libraries" / "old")
+    (server.store / "libraries" / "old" / "entries" / "bees" / "lexical.safetensors").unlink()
+    r = server.http.post(f"{LIB}/old/search", json={"query": "bees"})
+    assert r.status_code == 200 and r.json()["data"][0]["name"] == "bees", r.text
+    r = server.http.post(f"{LIB}/old/search", json={"query": "bees", "kind": "lexical"})
+    assert_error(r, 409, "embedding_missing", "kind")
     listing = server.http.get(LIB).json()["data"]  # the damaged one does not hide the others
     assert {"one", "damaged"} <= {row["name"] for row in listing}
     events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]

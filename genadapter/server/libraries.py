@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..embedding import DEFAULT_KIND, check_kind
-from ..library import MANIFEST, EntryDraft, Library, NoEntryError
+from ..embedding import check_kind
+from ..library import MANIFEST, EntryDraft, Library, MissingEmbeddingError, NoEntryError
 from ..library_entry import NAME_RE as ENTRY_NAME
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
@@ -87,12 +87,14 @@ class SearchBody(BaseModel):
 
     query: str = Field(min_length=1, max_length=100_000)
     k: int = Field(5, ge=1, le=MAX_SEARCH_K)
-    kind: str = DEFAULT_KIND  # the embedding, one of genadapter.embedding.KINDS
+    # The embedding, one of genadapter.embedding.KINDS; None: Library.search's default (lexical,
+    # or internal while some entry predates lexical embeddings).
+    kind: str | None = None
 
     @field_validator("kind")
     @classmethod
     def _kind(cls, v):
-        return check_kind(v)
+        return None if v is None else check_kind(v)
 
 
 async def json_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -222,6 +224,8 @@ def library_errors(name: str) -> Iterator[None]:
     """Library exceptions as API errors (CorruptStateError keeps its handler: a 500)."""
     try:
         yield
+    except MissingEmbeddingError as e:
+        raise ApiError(409, str(e), "embedding_missing", "kind") from e
     except IncompatibleStateError as e:
         message = f"the library {name!r} does not fit the model this server runs: {e}"
         raise ApiError(409, message, "incompatible_library", "library") from e
