@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from .generation import cache_kwargs
 from .layers import bound
 from .routing import standardize
-from .text import DocumentError, chunked, token_stream
+from .text import DocumentError
 
 KINDS = ("internal", "behaviour", "lexical")
 # What search uses unless told: the kind that found documents best (docs/LIBRARY.md).
@@ -258,7 +258,7 @@ def lexical(model, documents) -> torch.Tensor:
     bag = LexicalBag(model)
     with model.bind_states(None):
         for document in documents:
-            for chunk in chunked(token_stream(model.tokenizer, document), model.chunk_tokens):
+            for chunk in model.chunks(document):
                 ids = torch.tensor([chunk], device=model.device)
                 hidden = model.base.base_model(input_ids=ids, use_cache=False).last_hidden_state
                 bag.add(ids, torch.ones_like(ids), hidden)

@@ -64,7 +64,6 @@ from .library_session import RoutedSession
 from .routing import Routes, standardize
 from .session import AbsorbStats, Session
 from .state import CorruptStateError, IncompatibleStateError, atomic_write
-from .text import chunked, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class Library:
         start = time.perf_counter()
         draft = EntryDraft(model)
         for doc in texts:
-            draft.encode(chunked(token_stream(model.tokenizer, doc), model.chunk_tokens), progress)
+            draft.encode(model.chunks(doc), progress)
             draft.state.documents += 1
         self.commit(name, draft)
         return AbsorbStats(draft.state.tokens, draft.state.chunks, time.perf_counter() - start)

@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -86,14 +86,19 @@ class AdaptedModel:
 
     # -- context pass ---------------------------------------------------------------------------
 
+    def chunks(self, document: object) -> Iterator[list[int]]:
+        """The token chunks of one document (str, bytes, or an iterable of pieces) as absorbing
+        reads it: chunk_tokens ids each, the last one shorter, streamed. Raises DocumentError
+        (when iterated) for empty or non-text input."""
+        return chunked(token_stream(self.tokenizer, document), self.chunk_tokens)
+
     @torch.no_grad()
     def encode(self, document: object, progress: bool = False) -> tuple[AdapterState, AbsorbStats]:
         """The state of one document (str, bytes, or an iterable of pieces), on its own.
 
         Raises DocumentError for empty or non-text input; nothing else changes in that case."""
         start = time.perf_counter()
-        chunks = chunked(token_stream(self.tokenizer, document), self.chunk_tokens)
-        state = self.encode_chunks(chunks, progress=progress)
+        state = self.encode_chunks(self.chunks(document), progress=progress)
         state.documents = 1
         return state, AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
 

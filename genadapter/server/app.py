@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ..model import AdaptedModel
-from ..text import chunked, token_stream
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
 from .libraries import DEFAULT_K, LibraryStore, library_router
@@ -186,7 +185,7 @@ def create_app(
     def tokenize_document(data: bytes) -> list[list[int]]:
         limit = config.max_document_tokens
         chunks, tokens = [], 0
-        for chunk in chunked(token_stream(tokenizer, data), model.chunk_tokens):
+        for chunk in model.chunks(data):
             tokens += len(chunk)
             if tokens > limit:
                 raise ApiError(
@@ -347,7 +346,7 @@ def create_app(
             read_document,
             check_capacity,
             config.max_document_bytes,
-            config.max_document_tokens,
+            tokenize_document,
         )
     )
     app = FastAPI(title="genadapter", lifespan=lifespan)

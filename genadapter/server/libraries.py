@@ -31,7 +31,6 @@ from ..library import MANIFEST, EntryDraft, Library, MissingEmbeddingError, NoEn
 from ..library_entry import NAME_RE as ENTRY_NAME
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
-from ..text import chunked, token_stream
 from .errors import ApiError
 from .worker import ModelWorker
 
@@ -240,11 +239,11 @@ def library_router(
     read_document: Callable[[Request], Awaitable[tuple[bytes, str | None]]],
     check_capacity: Callable[[], None],
     max_document_bytes: int,
-    max_document_tokens: int,
+    tokenize_document: Callable[[bytes], list[list[int]]],
 ) -> APIRouter:
     """The /libraries endpoints (include under /v1 with the key check). `read_document` gives a
-    request's document bytes and name as for sessions; documents over `max_document_bytes` or
-    `max_document_tokens` are refused with a 413."""
+    request's document bytes and name, and `tokenize_document` its token chunks (an ApiError 413
+    over the token limit), as for sessions; documents over `max_document_bytes` are a 413 too."""
     api = APIRouter()
     model = store.model
 
@@ -298,7 +297,7 @@ def library_router(
                 f"document is {len(data)} bytes; the limit is {max_document_bytes}",
                 "document_too_large",
             )
-        await in_thread(count_tokens, data)
+        chunks = await in_thread(tokenize_document, data)
         check_capacity()
 
         def add() -> dict:
@@ -313,7 +312,7 @@ def library_router(
                     )
                 start = time.perf_counter()
                 with library_errors(name):
-                    absorb(library, entry, data)
+                    absorb(library, entry, chunks)
                 seconds = time.perf_counter() - start
                 (added,) = [e for e in library.list() if e.name == entry]
             info = {"object": "library.document", "library": name, "entry": entry_info(added)}
@@ -321,29 +320,16 @@ def library_router(
 
         return await in_thread(add)
 
-    def absorb(library: Library, entry: str, data: bytes) -> None:
-        """Add `data` as the entry: the model thread absorbs it a few chunks per call (the
-        worker's encode_chunks_per_turn, as a session's absorb), so running chats go on between
-        the calls, then writes it (Library.commit)."""
+    def absorb(library: Library, entry: str, chunks: list[list[int]]) -> None:
+        """Add a document's token chunks as the entry: the model thread absorbs them a few per
+        call (the worker's encode_chunks_per_turn, as a session's absorb), so running chats go
+        on between the calls, then writes it (Library.commit)."""
         draft = EntryDraft(model)
-        chunks = list(chunked(token_stream(model.tokenizer, data), model.chunk_tokens))
         step = max(1, worker.encode_chunks_per_turn)
         for at in range(0, len(chunks), step):
             worker.call(lambda part=chunks[at : at + step]: draft.encode(part)).result()
         draft.state.documents = 1
         worker.call(lambda: library.commit(entry, draft)).result()
-
-    def count_tokens(data: bytes) -> None:
-        """Refuse a document over the token limit (413) or not UTF-8 (DocumentError: 422)."""
-        tokens = 0
-        for chunk in chunked(token_stream(model.tokenizer, data), model.chunk_tokens):
-            tokens += len(chunk)
-            if tokens > max_document_tokens:
-                raise ApiError(
-                    413,
-                    f"document is over {max_document_tokens} tokens, the limit",
-                    "document_too_large",
-                )
 
     @api.delete("/libraries/{name}/documents/{entry}")
     async def remove_entry(name: str, entry: str) -> dict:
