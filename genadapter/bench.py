@@ -284,7 +284,7 @@ def run_bench(
     model: AdaptedModel, size: str | BenchSize = "default", progress: bool = True
 ) -> dict:
     """All five measurements; a JSON-ready dict."""
-    from .bench_library import bench_library
+    from .bench_library import bench_library_at
 
     size = SIZES[size] if isinstance(size, str) else size
     steps = 4 + len(size.contexts)
@@ -309,14 +309,7 @@ def run_bench(
             bar.update()
         results["batch"] = bench_batch(model, size)
         bar.update()
-        results["library"] = bench_library(
-            model,
-            size.library_states,
-            size.library_k,
-            size.decode_tokens,
-            size.repeats,
-            real_tokens=size.library_real_tokens,
-        )
+        results["library"] = bench_library_at(model, size)
         bar.update()
     results["seconds"] = time.perf_counter() - start
     return results

@@ -154,23 +154,28 @@ def format_library(r: dict) -> list[str]:
     ]
 
 
+def bench_library_at(model: AdaptedModel, s) -> dict:
+    """bench_library at a bench.BenchSize `s`: its library_* fields, decode_tokens and repeats."""
+    return bench_library(
+        model,
+        s.library_states,
+        s.library_k,
+        s.decode_tokens,
+        s.repeats,
+        real_tokens=s.library_real_tokens,
+    )
+
+
 def run(model: AdaptedModel, s) -> dict:
-    """Part 5 alone (`genadapter bench --library`) at a bench.BenchSize `s` (its library_* fields,
-    decode_tokens and repeats), with the same header fields as bench.run_bench; JSON-ready."""
+    """Part 5 alone (`genadapter bench --library`) at a bench.BenchSize `s`, with the same header
+    fields as bench.run_bench; JSON-ready."""
     return {
         "machine": machine(),
         "device": str(model.device),
         "dtype": str(model.base.dtype).removeprefix("torch."),
         "base": model.base_name,
         "generator": model.generator_fingerprint,
-        "library": bench_library(
-            model,
-            s.library_states,
-            s.library_k,
-            s.decode_tokens,
-            s.repeats,
-            real_tokens=s.library_real_tokens,
-        ),
+        "library": bench_library_at(model, s),
     }
 
 
