@@ -28,9 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .benchkit import Timing, kv_bytes, machine, timed_greedy
-from .benchkit import bench_text as _bench_text
-from .benchkit import clock as _clock
+from .benchkit import Timing, bench_text, clock, kv_bytes, machine, timed_greedy
 from .generation import SamplingParams, generate_batch, generate_ids
 from .model import AdaptedModel
 from .state import AdapterState
@@ -82,7 +80,7 @@ def _best(runs: list[float]) -> float:
 @torch.no_grad()
 def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
     n = model.chunk_tokens
-    text = model.tokenizer.decode(_bench_text(model, size.absorb_chunks * n))
+    text = model.tokenizer.decode(bench_text(model, size.absorb_chunks * n))
     # The very chunks absorb makes of the text, batched and right-padded as absorb does.
     chunks = list(chunked(token_stream(model.tokenizer, text), n))
     batches = [
@@ -94,13 +92,13 @@ def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
     model.base.base_model(input_ids=batches[0][0][:1, :16])  # warm up
     for _ in range(size.repeats):
         session = model.session()
-        start = _clock(model)
+        start = clock(model)
         tokens = session.absorb(text).tokens
-        absorb_runs.append(_clock(model) - start)
-        start = _clock(model)
+        absorb_runs.append(clock(model) - start)
+        start = clock(model)
         for ids, mask in batches:
             model.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        forward_runs.append(_clock(model) - start)
+        forward_runs.append(clock(model) - start)
     absorb_tps = tokens / _best(absorb_runs)
     forward_tps = forward_tokens / _best(forward_runs)
     return {
@@ -130,7 +128,7 @@ def _library_decode(model: AdaptedModel, ids: list[int], state, n: int) -> float
     """Seconds per token after the first, through the library's decoding loop."""
     stamps = []
     for _ in generate_ids(model, ids, state, SamplingParams(max_new_tokens=n)):
-        stamps.append(_clock(model))
+        stamps.append(clock(model))
     if len(stamps) < 2:
         raise RuntimeError("the model ended its answer before two tokens; use another prompt")
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
@@ -138,7 +136,7 @@ def _library_decode(model: AdaptedModel, ids: list[int], state, n: int) -> float
 
 def bench_decode(model: AdaptedModel, size: BenchSize, state: AdapterState) -> dict:
     # A raw prose prompt: a continuation rarely ends early, so every run decodes n tokens.
-    ids = _bench_text(model, 48, seed=1)
+    ids = bench_text(model, 48, seed=1)
     n = size.decode_tokens
     runs = {"state": [], "state_reference": [], "empty": [], "unwrapped": []}
     for _ in range(size.repeats):
@@ -177,19 +175,19 @@ def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -
     question_ids = _chat_ids(model, None)
     # Room for the question's template and the answer inside the window.
     fit = model.max_positions - len(question_ids) - n - 8
-    ids = _bench_text(model, min(context_tokens, fit), seed=2)
+    ids = bench_text(model, min(context_tokens, fit), seed=2)
     context = model.tokenizer.decode(ids)
     prompt_ids = _chat_ids(model, context)
     # The part of the prompt a prefix cache can reuse: what two different questions share.
     other = chat_ids_with(model, context, "What did the expedition find?")
     prefix = next((i for i, (a, b) in enumerate(zip(prompt_ids, other)) if a != b), len(prompt_ids))
-    start = _clock(model)
+    start = clock(model)
     session = model.session()
     session.absorb(context)
-    absorb_s = _clock(model) - start
-    start = _clock(model)
+    absorb_s = clock(model) - start
+    start = clock(model)
     prefix_cache = timed_greedy(model, prompt_ids[:prefix], None, 1).cache
-    prefill_s = _clock(model) - start
+    prefill_s = clock(model) - start
     cached_kv = kv_bytes(prefix_cache)
     runs: dict[str, list[Timing]] = {"adapter": [], "prompt": [], "prompt_cached": []}
     for _ in range(size.repeats if context_tokens <= 2048 else 1):
@@ -237,14 +235,14 @@ def _batch_step_seconds(model, prompts, states, tokens: int) -> tuple[float, int
     params = [SamplingParams(max_new_tokens=tokens) for _ in prompts]
     stamps, produced = [], 0
     for step in generate_batch(model, prompts, states, params):
-        stamps.append(_clock(model))
+        stamps.append(clock(model))
         produced += len(step)
     return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), produced
 
 
 def bench_batch(model: AdaptedModel, size: BenchSize) -> list[dict]:
     most = max(size.batch_sizes)
-    ids = _bench_text(model, most * 48, seed=3)
+    ids = bench_text(model, most * 48, seed=3)
     # Distinct sessions: each absorbed its own 32 tokens; each continues its own 16-token prompt.
     states = [
         model.encode(model.tokenizer.decode(ids[i * 48 : i * 48 + 32]))[0] for i in range(most)
@@ -300,7 +298,7 @@ def run_bench(
     with tqdm(total=steps, desc="bench", unit="part", disable=not progress) as bar:
         results["absorb"] = bench_absorb(model, size)
         bar.update()
-        state = model.encode(model.tokenizer.decode(_bench_text(model, model.chunk_tokens)))[0]
+        state = model.encode(model.tokenizer.decode(bench_text(model, model.chunk_tokens)))[0]
         results["decode"] = bench_decode(model, size, state)
         bar.update()
         results["prompting"] = []
