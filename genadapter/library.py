@@ -359,15 +359,16 @@ class Library:
             raise ValueError(f"k must be at least 1, not {k}")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question must be a non-empty text")
-        if kind is None:
-            kind = embedding.DEFAULT_KIND
-            try:
-                self.embeddings(kind)  # kept: the search below stacks them again, from memory
-            except MissingEmbeddingError as e:
-                log.warning("%s; searching %s with kind 'internal'", e, self.path)
-                kind = "internal"
-        names, docs = self.embeddings(kind)
-        scores = docs @ self.embed(question, kind).to(docs.device)
+        chosen = kind or embedding.DEFAULT_KIND
+        try:
+            names, docs = self.embeddings(chosen)
+        except MissingEmbeddingError as e:
+            if kind is not None:
+                raise
+            log.warning("%s; searching %s with kind 'internal'", e, self.path)
+            chosen = "internal"
+            names, docs = self.embeddings(chosen)
+        scores = docs @ self.embed(question, chosen).to(docs.device)
         top = scores.topk(min(k, len(names)))
         return [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
