@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .memory_read import Layout
 from .text import Detokenizer
 
 
@@ -66,9 +67,71 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=rng))
 
 
+def _left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], state, params: SamplingParams) -> Iterator[int]:
-    """Yield new token ids until max_new_tokens or an end-of-sequence token."""
+def prefill(model, layouts: list[Layout], cache: DynamicCache, logits_to_keep: int = 1):
+    """Run the prompts `layouts` (one per row, each under the states already bound) into `cache`:
+    headers first, then each row's memory written into the cache after its header, then the
+    rests. Rows are left-padded at each stage; padding is masked and positions count real slots
+    only, so each row computes what it would alone (memory_read.py). Returns (attention mask
+    (b, total) long, logits (b, kept, vocab) of the rests' last `logits_to_keep` tokens, 0 for
+    all). Raises ValueError when a row has no rest tokens."""
+    if any(not layout.rest for layout in layouts):
+        raise ValueError("every row needs at least one token after its memory")
+    dev, pad = model.device, model.tokenizer.pad_token_id
+    kw = cache_kwargs(model.base, cache)
+    mask = torch.zeros((len(layouts), 0), dtype=torch.long, device=dev)
+    if any(layout.read is not None for layout in layouts):
+        ids, mask = _left_padded([layout.header for layout in layouts], pad, dev)
+        if ids.shape[1]:
+            model.base.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                use_cache=True,
+                **kw,
+            )
+        width = max(layout.read.tokens if layout.read else 0 for layout in layouts)
+        L, H, D = model.memory_shape
+        k = torch.zeros((len(layouts), L, H, width, D), dtype=model.base.dtype, device=dev)
+        v = torch.zeros_like(k)
+        slots = torch.zeros((len(layouts), width), dtype=torch.long, device=dev)
+        for i, layout in enumerate(layouts):
+            if layout.read is not None:
+                m = layout.read.tokens
+                k[i, :, :, :m], v[i, :, :, :m] = layout.read.keys, layout.read.values
+                slots[i, :m] = 1
+        for layer in range(L):
+            cache.update(k[:, layer], v[:, layer], layer)
+        mask = torch.cat([mask, slots], 1)
+    ids, rest_mask = _left_padded([layout.rest for layout in layouts], pad, dev)
+    mask = torch.cat([mask, rest_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+    out = model.base(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **kw,
+    )
+    return mask, out.logits
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: list[int] | Layout, state, params: SamplingParams) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens or an end-of-sequence token. `prompt` is token
+    ids, or a Layout that reads a session's memory (memory_read.py)."""
     if params.max_new_tokens == 0:
         return
     rng = None
@@ -76,16 +139,25 @@ def generate_ids(model, prompt_ids: list[int], state, params: SamplingParams) ->
         rng = torch.Generator(device=model.device)
         rng.manual_seed(params.seed if params.seed is not None else torch.seed())
     eos = _eos_ids(model)
-    cache = cache_kwargs(model.base, DynamicCache())
-    ids = torch.tensor([prompt_ids], device=model.device)
+    raw = DynamicCache()
+    cache = cache_kwargs(model.base, raw)
+    if isinstance(prompt, Layout) and prompt.read is None:
+        prompt = prompt.header + prompt.rest  # nothing to read: the plain prompt, one forward
     with model.bind_states([state]):
-        for _ in range(params.max_new_tokens):
-            out = model.base(input_ids=ids, use_cache=True, **cache)
-            token = sample(out.logits[0, -1], params, rng)
+        if isinstance(prompt, Layout):
+            _, logits = prefill(model, [prompt], raw)
+        else:
+            ids = torch.tensor([prompt], device=model.device)
+            logits = model.base(input_ids=ids, use_cache=True, **cache).logits
+        for produced in range(1, params.max_new_tokens + 1):
+            token = sample(logits[0, -1], params, rng)
             if token in eos:
                 return
             yield token
+            if produced == params.max_new_tokens:
+                return
             ids = torch.tensor([[token]], device=model.device)
+            logits = model.base(input_ids=ids, use_cache=True, **cache).logits
 
 
 def _eos_ids(model) -> set[int]:
@@ -138,25 +210,19 @@ def _partial_stop(text: str, stop: list[str]) -> int:
 
 @torch.no_grad()
 def generate_batch(
-    model, prompts: list[list[int]], states: list, params: list[SamplingParams]
+    model, prompts: list[list[int] | Layout], states: list, params: list[SamplingParams]
 ) -> Iterator[list[tuple[int, int]]]:
-    """Decode several sequences, each under its own state and sampling parameters, in one
-    forward per step. Yields, per step, (sequence index, token) for sequences still running.
+    """Decode several sequences, each under its own state and sampling parameters (and, for a
+    Layout prompt, reading its own memory), in one forward per step. Yields, per step, (sequence
+    index, token) for sequences still running.
 
     Prompts are left-padded; positions count real tokens only, so every sequence decodes as it
     would alone (up to float rounding of the batched matmuls)."""
     n = len(prompts)
     if not n == len(states) == len(params):
         raise ValueError("prompts, states and params must have the same length")
-    width = max(map(len, prompts))
+    layouts = [p if isinstance(p, Layout) else Layout([], None, list(p)) for p in prompts]
     pad = model.tokenizer.pad_token_id
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     rngs = []
     for p in params:
         rng = None
@@ -167,17 +233,19 @@ def generate_batch(
     eos = _eos_ids(model)
     running = [p.max_new_tokens > 0 for p in params]
     produced = [0] * n
-    cache = cache_kwargs(model.base, DynamicCache())
+    if not any(running):
+        return
+    raw = DynamicCache()
+    cache = cache_kwargs(model.base, raw)
     with model.bind_states(states):
+        mask, logits = prefill(model, layouts, raw)
+        positions = mask.sum(-1, keepdim=True) - 1
         while any(running):
-            out = model.base(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache
-            )
             step, next_ids = [], []
             for i in range(n):
                 token = pad
                 if running[i]:
-                    token = sample(out.logits[i, -1], params[i], rngs[i])
+                    token = sample(logits[i, -1], params[i], rngs[i])
                     if token in eos:
                         running[i], token = False, pad
                     else:
@@ -187,6 +255,11 @@ def generate_batch(
                 next_ids.append(token)
             if step:
                 yield step
+            if not any(running):
+                return
             ids = torch.tensor(next_ids, device=model.device).unsqueeze(1)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], 1)
-            positions = positions[:, -1:] + 1
+            positions = positions + 1
+            logits = model.base(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache
+            ).logits

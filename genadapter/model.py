@@ -13,12 +13,25 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from . import kernels
 from .base import Base, load_base, pick_device
+from .generation import cache_kwargs, prefill
 from .generator import Generator, GeneratorConfig
 from .head import HEAD_NAME, head_pairs
 from .layers import Binding, bound, inject
+from .memory import (
+    DEFAULT_BUDGET,
+    DEFAULT_KEEP,
+    DEFAULT_THRESHOLD,
+    STORAGES,
+    ContextMemory,
+    MemoryChunk,
+    encoding_prefix,
+    lexical_bag,
+    quantize_chunk,
+)
 from .quantize import check_mode, quantize_base
 from .session import AbsorbStats, Session
 from .state import AdapterState
@@ -41,6 +54,7 @@ class AdaptedModel:
         generator: Generator,
         chunk_tokens: int | None = None,
         chunk_batch: int = 4,
+        memory: str | None = "int8",
     ):
         self.base = base.model
         self.tokenizer = base.tokenizer
@@ -57,6 +71,15 @@ class AdaptedModel:
         # keeps the generator's reference delta (for comparisons: `genadapter bench`).
         self.fast_delta = True
         self._folded: OrderedDict[int, weakref.ref] = OrderedDict()
+        if memory not in (None, *STORAGES):
+            raise ValueError(f"memory must be None or one of {STORAGES}, got {memory!r}")
+        # The context memory (memory.py): how absorbed chunks' keys and values are stored (None:
+        # sessions keep no memory), the prefix chunks are encoded after, and the reading policy.
+        self.memory_storage = memory
+        self.memory_prefix = encoding_prefix(self.tokenizer) if memory else []
+        self.memory_budget = DEFAULT_BUDGET
+        self.memory_threshold = DEFAULT_THRESHOLD
+        self.memory_keep = DEFAULT_KEEP
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +99,19 @@ class AdaptedModel:
     def new_state(self) -> AdapterState:
         return AdapterState.zeros(self.generator.state_shapes(), self.device)
 
+    def new_memory(self) -> ContextMemory | None:
+        """An empty context memory for this model, or None when the model keeps none."""
+        if self.memory_storage is None:
+            return None
+        return ContextMemory(len(self.memory_prefix), self.memory_storage)
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head dim) of the base's attention: the memory's per-token shape."""
+        c = self.base.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, c.num_key_value_heads, head_dim
+
     def session(self) -> Session:
         """A new, empty session: it answers exactly like the base model until it absorbs text."""
         return Session(self)
@@ -93,21 +129,34 @@ class AdaptedModel:
         return chunked(token_stream(self.tokenizer, document), self.chunk_tokens)
 
     @torch.no_grad()
-    def encode(self, document: object, progress: bool = False) -> tuple[AdapterState, AbsorbStats]:
-        """The state of one document (str, bytes, or an iterable of pieces), on its own.
+    def encode(
+        self, document: object, progress: bool = False, memory: ContextMemory | None = None
+    ) -> tuple[AdapterState, AbsorbStats]:
+        """The state of one document (str, bytes, or an iterable of pieces), on its own; with
+        `memory` (an empty ContextMemory of this model), its chunks' keys and values are added
+        to it as one document, from the same pass.
 
         Raises DocumentError for empty or non-text input; nothing else changes in that case."""
         start = time.perf_counter()
-        state = self.encode_chunks(self.chunks(document), progress=progress)
+        state = self.encode_chunks(self.chunks(document), progress=progress, memory=memory)
+        if memory is not None:
+            memory.documents, memory.version = 1, memory.version + 1
         state.documents = 1
         return state, AbsorbStats(state.tokens, state.chunks, time.perf_counter() - start)
 
     @torch.no_grad()
-    def encode_chunks(self, chunks: Iterable[list[int]], progress: bool = False) -> AdapterState:
+    def encode_chunks(
+        self,
+        chunks: Iterable[list[int]],
+        progress: bool = False,
+        memory: ContextMemory | None = None,
+    ) -> AdapterState:
         """Sum of the states of token chunks, each encoded independently by the frozen base.
 
         Chunks run chunk_batch at a time; only the hidden states entering each adapted layer are
-        used, folded at once into K^T V sums, so memory is bounded by one chunk batch."""
+        used, folded at once into K^T V sums, so memory is bounded by one chunk batch. With
+        `memory`, each chunk is encoded after the model's memory prefix (whose tokens enter no
+        sum) and its keys and values are appended to `memory` (document 0)."""
         state = self.new_state()
         batch: list[list[int]] = []
         with tqdm(desc="absorbing", unit="tok", disable=not progress, leave=False) as bar:
@@ -116,43 +165,80 @@ class AdaptedModel:
                     raise ValueError(f"a chunk must hold 1..{self.max_positions} tokens")
                 batch.append(chunk)
                 if len(batch) == self.chunk_batch:
-                    self._encode_batch(batch, state)
+                    self._encode_batch(batch, state, memory)
                     bar.update(sum(map(len, batch)))
                     batch = []
             if batch:
-                self._encode_batch(batch, state)
+                self._encode_batch(batch, state, memory)
                 bar.update(sum(map(len, batch)))
         return state
 
-    def _encode_batch(self, chunks: list[list[int]], state: AdapterState) -> None:
-        width = max(map(len, chunks))
+    def _encode_batch(
+        self, chunks: list[list[int]], state: AdapterState, memory: ContextMemory | None = None
+    ) -> None:
+        prefix = self.memory_prefix if memory is not None else []
+        p = len(prefix)
+        if p + max(map(len, chunks)) > self.max_positions:
+            raise ValueError(f"a chunk after the memory prefix must fit {self.max_positions}")
+        width = p + max(map(len, chunks))
         ids = torch.full((len(chunks), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunks), width), dtype=torch.long)
         for i, c in enumerate(chunks):
-            ids[i, : len(c)] = torch.tensor(c)
-            mask[i, : len(c)] = 1
+            ids[i, : p + len(c)] = torch.tensor(prefix + c)
+            mask[i, : p + len(c)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         sums: dict[str, torch.Tensor] = {}
         head = self.generator.head
         layer_states = head is not None and head.config.key_layer is not None
+        cache = DynamicCache() if memory is not None else None
         # Right padding with a causal mask: real tokens never attend to the padding, and the
-        # padding's own keys/values are masked out of the sums. The LM head is skipped.
-        with bound(self.binding, sums=sums, token_mask=mask):
+        # padding's own keys/values (and the prefix's) are masked out of the sums. The LM head
+        # is skipped.
+        summed = mask.clone()
+        summed[:, :p] = 0
+        with bound(self.binding, sums=sums, token_mask=summed):
             out = self.base.base_model(
                 input_ids=ids,
                 attention_mask=mask,
-                use_cache=False,
+                use_cache=memory is not None,
                 output_hidden_states=layer_states,
+                **({} if cache is None else cache_kwargs(self.base, cache)),
             )
+        hidden_last = out.last_hidden_state
+        if memory is not None:
+            self._keep_memory(memory, chunks, cache, hidden_last)
+        ids, mask, hidden_last = ids[:, p:], mask[:, p:], hidden_last[:, p:]
         if self.binding.on_hidden is not None:
-            self.binding.on_hidden(ids, mask, out.last_hidden_state)
+            self.binding.on_hidden(ids, mask, hidden_last)
         if head is not None:
-            hidden = out.hidden_states if layer_states else None
-            sums[HEAD_NAME] = head_pairs(self.base, head, ids, mask, out.last_hidden_state, hidden)
+            hidden = tuple(h[:, p:] for h in out.hidden_states) if layer_states else None
+            sums[HEAD_NAME] = head_pairs(self.base, head, ids, mask, hidden_last, hidden)
         for name, s in sums.items():
             state.sums[name] += s.sum(0)
         state.tokens += int(mask.sum())
         state.chunks += len(chunks)
+
+    def _keep_memory(self, memory: ContextMemory, chunks, cache, hidden: torch.Tensor) -> None:
+        """Append each chunk's keys and values (from the pass's KV cache, minus the prefix) and
+        its lexical bag (the base's surprisal at each of its tokens) to `memory`."""
+        p = len(self.memory_prefix)
+        keys = torch.stack([layer.keys for layer in cache.layers], 1)  # (b, L, H, t, D)
+        values = torch.stack([layer.values for layer in cache.layers], 1)
+        head = self.base.get_output_embeddings()
+        for i, c in enumerate(chunks):
+            n = len(c)
+            k, v = keys[i, :, :, p : p + n], values[i, :, :, p : p + n]
+            target = torch.tensor(c, device=hidden.device)
+            # Surprisal of each chunk token given what precedes it (the prefix for the first);
+            # without a prefix the first token has no prediction and gets the chunk's mean.
+            logits = head(hidden[i, max(p - 1, 0) : p + n - 1]).float()
+            s = logits.logsumexp(-1) - logits.gather(-1, target[-len(logits) :, None])[:, 0]
+            if p == 0:
+                s = torch.cat([s.mean()[None] if n > 1 else torch.ones(1, device=s.device), s])
+            lex_ids, lex_w = lexical_bag(target, s)
+            memory.chunks.append(
+                MemoryChunk(*quantize_chunk(k, v, memory.storage), lex_ids, lex_w, 0)
+            )
 
     # -- adapted forward ------------------------------------------------------------------------
 
@@ -207,7 +293,8 @@ class AdaptedModel:
     @torch.no_grad()
     def score(self, text: str, session=None, prefix: str | None = None) -> float:
         """Mean negative log-likelihood per token of `text`, after `prefix` when given, under the
-        session's state. Without a prefix the first token has no context and is not scored."""
+        session's state and memory (read as Session.text_layout lays it out, for `prefix`).
+        Without a prefix or memory the first token has no context and is not scored."""
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         target = enc(text) if isinstance(text, str) else None
         if not target:
@@ -223,7 +310,17 @@ class AdaptedModel:
         if getattr(session, "library", None) is not None:  # a RoutedSession: its own routing
             return session.score(text, prefix)
         state = None if session is None else session.state
-        logits = self.logits(torch.tensor([ids]), [state])[0]
+        layout = None
+        if getattr(session, "memory", None) is not None and not session.memory.is_empty:
+            # The memory is read for the prefix (the text scored is not a query), all of it
+            # within the budget when there is no prefix.
+            layout = session.text_layout(ids, prefix)
+        if layout is not None and layout.read is not None:
+            with self.bind_states([state]):
+                _, logits = prefill(self, [layout], DynamicCache(), logits_to_keep=0)
+            logits = logits[0].float()
+        else:
+            logits = self.logits(torch.tensor([ids]), [state])[0]
         first = max(len(context), 1)
         targets = torch.tensor(ids[first:], device=logits.device)
         return torch.nn.functional.cross_entropy(logits[first - 1 : -1], targets).item()
@@ -237,11 +334,14 @@ def load(
     chunk_tokens: int | None = None,
     chunk_batch: int = 4,
     quantize: str | None = "auto",
+    memory: str | None = "int8",
 ) -> AdaptedModel:
     """Load a frozen base (default: the embedded SmolLM2-135M-Instruct) and a generator.
 
     `quantize` is "nf4", "int8" or None for the base's decoder layers (bitsandbytes); "auto" means
-    nf4 on CUDA and None elsewhere."""
+    nf4 on CUDA and None elsewhere. `memory` is how sessions keep the context memory of what they
+    absorb (memory.py, docs/MEMORY.md): "int8" (default), "float" (the base's dtype, exact) or
+    None (no memory: sessions hold the adapter state alone)."""
     if quantize == "auto":
         quantize = "nf4" if pick_device(device).type == "cuda" else None
     check_mode(quantize)
@@ -258,4 +358,6 @@ def load(
             "session answers exactly like the base model. Pass generator=PATH to use a trained one."
         )
         gen = Generator.for_base(loaded.model, GeneratorConfig())
-    return AdaptedModel(loaded, gen, chunk_tokens=chunk_tokens, chunk_batch=chunk_batch)
+    return AdaptedModel(
+        loaded, gen, chunk_tokens=chunk_tokens, chunk_batch=chunk_batch, memory=memory
+    )

@@ -1,4 +1,4 @@
-"""Session: one user's absorbed context (an AdapterState) and conversation.
+"""Session: one user's absorbed context (an AdapterState and a ContextMemory) and conversation.
 
 Imports flow one way: model.py imports this module (AdaptedModel.session() and load_session()
 make sessions); this module never imports model.py and uses the model it is given through its
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .generation import SamplingParams, generate_ids, stream_text
+from .memory import ContextMemory, MemoryFormatError, split_template
+from .memory_read import SEPARATOR, Layout, MemoryRead, assemble
 from .state import AdapterState, CorruptStateError, IncompatibleStateError
 
 STATE_FILE = "state.safetensors"
@@ -34,18 +36,40 @@ class AbsorbStats:
 
 
 class Session:
-    """`model` is the AdaptedModel the session belongs to (model.session() makes one)."""
+    """`model` is the AdaptedModel the session belongs to (model.session() makes one).
 
-    def __init__(self, model, state: AdapterState | None = None):
+    A session holds two kinds of absorbed context, both made by the one pass of the base per
+    chunk: `state`, the adapter's fixed-size sums (state.py), and `memory`, the chunks' own keys
+    and values (memory.py; None when the model keeps no memory). Either may be given (e.g. a
+    session that reads a memory without the adapter: Session(model, memory=m))."""
+
+    def __init__(
+        self,
+        model,
+        state: AdapterState | None = None,
+        memory: ContextMemory | None | bool = True,
+    ):
         self.model = model
         self.state = state if state is not None else model.new_state()
+        # True: a new empty memory when the model keeps one; None/False: no memory.
+        self.memory = model.new_memory() if memory is True else (memory or None)
         self.messages: list[dict[str, str]] = []  # this session's chat turns
         self.created = time.time()
+        self._read: tuple[tuple, MemoryRead] | None = None  # the last layout read, reused
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the session's state: fixed by the generator, whatever was absorbed."""
-        return self.state.nbytes
+        """Bytes of the session: the adapter state (fixed by the generator) plus the memory
+        (growing with what was absorbed)."""
+        return self.state.nbytes + self.memory_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory.nbytes if self.memory is not None else 0
+
+    @property
+    def memory_tokens(self) -> int:
+        return self.memory.tokens if self.memory is not None else 0
 
     @property
     def tokens(self) -> int:
@@ -53,16 +77,52 @@ class Session:
 
     def absorb(self, document: object, progress: bool = False) -> AbsorbStats:
         """Absorb one document: text, UTF-8 bytes, or an iterable of pieces of one document.
+        Fills the adapter state and, when the session keeps one, the memory, in one pass.
 
-        The state changes only when the whole document was read; bad input raises and leaves the
-        session as it was."""
-        delta, stats = self.model.encode(document, progress=progress)
+        The session changes only when the whole document was read; bad input raises and leaves
+        the session as it was."""
+        memory = self.model.new_memory() if self.memory is not None else None
+        delta, stats = self.model.encode(document, progress=progress, memory=memory)
         self.state.add_(delta)
+        if memory is not None:
+            self.memory.extend(memory)
         return stats
 
     def reset(self) -> None:
         self.state = self.model.new_state()
+        if self.memory is not None:
+            self.memory.clear()
         self.messages = []
+
+    # -- reading the memory ---------------------------------------------------------------------
+
+    def read(self, query: str | None, header_len: int, budget: int) -> MemoryRead | None:
+        """The memory one turn reads (memory.ContextMemory.select over `query`'s lexical
+        embedding, at most `budget` tokens), laid out after a header of `header_len` tokens; None
+        when nothing is read. The last layout is kept and reused while the same chunks are read."""
+        if self.memory is None or self.memory.is_empty or budget <= 0:
+            return None
+        m = self.model
+        q = None
+        if query is not None and query.strip():
+            from .embedding import lexical  # the question's reading by the base alone
+
+            q = lexical(m, [query])
+        chunks = self.memory.select(q, budget, m.memory_threshold, m.memory_keep)
+        if not chunks:
+            return None
+        key = (self.memory.version, tuple(chunks), header_len)
+        if self._read is None or self._read[0] != key:
+            self._read = (key, assemble(m, self.memory, chunks, header_len))
+        return self._read[1]
+
+    def text_layout(self, ids: list[int], query: str | None, reserve: int = 0) -> Layout:
+        """Raw text `ids` after the memory (what it reads for `query`), itself after the prefix
+        its chunks were encoded after; `reserve` tokens of the window are kept free."""
+        header = self.model.memory_prefix
+        room = self.model.max_positions - len(header) - len(ids) - reserve
+        read = self.read(query, len(header), min(self.model.memory_budget, room))
+        return Layout(header, read, ids) if read is not None else Layout([], None, ids)
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -81,7 +141,7 @@ class Session:
             raise ValueError("prompt must be a non-empty string")
         params = SamplingParams(max_new_tokens, temperature, top_p, stop or [], seed)
         ids = self.model.tokenizer.encode(prompt, add_special_tokens=False)
-        pieces = self._run(ids, params)
+        pieces = self._run(self.text_layout(ids, prompt, max_new_tokens), params)
         return pieces if stream else "".join(pieces)
 
     def chat(
@@ -100,18 +160,33 @@ class Session:
             raise ValueError("message must be a non-empty string")
         params = SamplingParams(max_new_tokens, temperature, top_p, stop or [], seed)
         messages = [*self.messages, {"role": "user", "content": message}]
-        ids = self._fit_chat(messages, params.max_new_tokens)
-        pieces = self._record(messages, self._run(ids, params))
+        layout = self.chat_layout(messages, params.max_new_tokens)
+        pieces = self._record(messages, self._run(layout, params))
         return pieces if stream else "".join(pieces)
 
-    def _run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def chat_layout(self, messages: list[dict], max_new_tokens: int) -> Layout:
+        """The templated conversation `messages` (oldest turns dropped while it does not fit the
+        window), with what the memory reads for its last message laid out at the start of the
+        first user message, then SEPARATOR, as a prompt would put a document there."""
+        kept, ids = self._fit_chat(messages, max_new_tokens)
+        if self.memory is None or self.memory.is_empty:
+            return Layout([], None, ids)
+        header, rest_text = split_template(self.model.tokenizer, kept)
+        if rest_text is None:  # no chat template: read as raw text
+            return self.text_layout(ids, kept[-1]["content"], max_new_tokens)
+        rest = self.model.tokenizer.encode(SEPARATOR + rest_text, add_special_tokens=False)
+        room = self.model.max_positions - len(header) - len(rest) - max_new_tokens
+        read = self.read(kept[-1]["content"], len(header), min(self.model.memory_budget, room))
+        return Layout(header, read, rest) if read is not None else Layout([], None, ids)
+
+    def _run(self, layout: Layout, params: SamplingParams) -> Iterator[str]:
         limit = self.model.max_positions
-        if len(ids) + params.max_new_tokens > limit:
+        if len(layout) + params.max_new_tokens > limit:
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the model's window of {limit} tokens"
+                f"prompt ({len(layout)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's window of {limit} tokens"
             )
-        tokens = generate_ids(self.model, ids, self.state, params)
+        tokens = generate_ids(self.model, layout, self.state, params)
         return stream_text(self.model.tokenizer, tokens, params.stop)
 
     def _record(self, messages: list[dict], pieces: Iterator[str]) -> Iterator[str]:
@@ -121,14 +196,15 @@ class Session:
             yield piece
         self.messages = [*messages, {"role": "assistant", "content": "".join(answer)}]
 
-    def _fit_chat(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        """Template the conversation; drop the oldest turns while it does not fit the window."""
+    def _fit_chat(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], list[int]]:
+        """Template the conversation; drop the oldest turns while it does not fit the window.
+        Returns the messages kept and their token ids."""
         tok = self.model.tokenizer
         while True:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = tok.encode(text, add_special_tokens=False)
             if len(ids) + max_new_tokens <= self.model.max_positions or len(messages) <= 1:
-                return ids
+                return messages, ids
             messages = messages[2:]
 
     # -- export -------------------------------------------------------------------------------
@@ -149,7 +225,8 @@ class Session:
     # -- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the state and conversation atomically; returns the file written."""
+        """Write the state, the memory and the conversation atomically to one file (one
+        checksum covers them all); returns the file written."""
         target = _state_path(path)
         self.state.save(
             target,
@@ -160,7 +237,15 @@ class Session:
                 "chunk_tokens": self.model.chunk_tokens,
                 "messages": self.messages,
                 "created": self.created,
+                "memory": None
+                if self.memory is None
+                else {
+                    "storage": self.memory.storage,
+                    "prefix_len": self.memory.prefix_len,
+                    "documents": self.memory.documents,
+                },
             },
+            extra=self.memory.tensors() if self.memory is not None else None,
         )
         return target
 
@@ -169,8 +254,10 @@ class Session:
         """The session saved at `path` (DIR or a .safetensors file), on `model`.
 
         Raises FileNotFoundError, CorruptStateError (damaged or altered file) and
-        IncompatibleStateError (made with another base, generator or layers)."""
-        state, meta = AdapterState.load(_state_path(path), device=model.device)
+        IncompatibleStateError (made with another base, generator or layers). A file saved before
+        sessions kept a memory loads with an empty one."""
+        tensors: dict = {}
+        state, meta = AdapterState.load(_state_path(path), device=model.device, extra=tensors)
         for key, mine in (
             ("base_fingerprint", model.base_fingerprint),
             ("generator_fingerprint", model.generator_fingerprint),
@@ -189,7 +276,28 @@ class Session:
             isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
         ):
             raise CorruptStateError(f"{path}: the stored conversation is malformed")
-        session = cls(model, state)
+        session = cls(model, state, memory=cls._load_memory(model, meta, tensors, path))
         session.messages = messages
         session.created = float(meta.get("created", time.time()))
         return session
+
+    @staticmethod
+    def _load_memory(model, meta: dict, tensors: dict, path) -> ContextMemory | None | bool:
+        info = meta.get("memory")
+        if info is None:  # saved without a memory (or before memories existed)
+            if tensors:
+                raise CorruptStateError(f"{path}: memory tensors without their description")
+            return True
+        try:
+            memory = ContextMemory.from_tensors(
+                tensors,
+                int(info["prefix_len"]),
+                str(info["storage"]),
+                int(info["documents"]),
+                model.memory_shape,
+            )
+        except (MemoryFormatError, KeyError, TypeError, ValueError) as e:
+            raise CorruptStateError(f"{path}: {e}") from e
+        if memory.prefix_len != len(model.memory_prefix) and not memory.is_empty:
+            raise IncompatibleStateError(f"{path}: its memory was encoded after another prefix")
+        return memory

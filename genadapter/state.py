@@ -22,6 +22,8 @@ FORMAT = "genadapter-state/2"
 LEGACY_FORMAT = "genadapter-state/1"
 # Keys of the safetensors header's metadata: the JSON metadata, and the digest of the whole file.
 META_KEY = "genadapter"
+# Tensors saved beside the sums (a session's context memory, memory.py), under this name prefix.
+EXTRA_PREFIX = "memory."
 DIGEST_KEY = "genadapter_sha256"
 # Singular values below this fraction of the largest are treated as zero (float32 SVD noise).
 RANK_RTOL = 1e-5
@@ -170,8 +172,11 @@ class AdapterState:
 
     # -- file format: one safetensors file; metadata (JSON) in its header ------------------------
 
-    def save(self, path: str | os.PathLike, meta: dict) -> None:
-        """Write the sums and `meta` (JSON-serializable) atomically to one safetensors file.
+    def save(
+        self, path: str | os.PathLike, meta: dict, extra: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the sums and `meta` (JSON-serializable) atomically to one safetensors file;
+        `extra` tensors (names starting with EXTRA_PREFIX: a session's memory) go beside them.
 
         The header holds the metadata as JSON text (with format and counts added) and a SHA-256
         over that exact text and every tensor's name, dtype, shape and bytes."""
@@ -181,11 +186,17 @@ class AdapterState:
         meta.pop("checksum", None)
         meta_json = json.dumps(meta)
         tensors = {n: s.detach().cpu().contiguous() for n, s in self.sums.items()}
+        for name, t in (extra or {}).items():
+            if not name.startswith(EXTRA_PREFIX) or name in tensors:
+                raise ValueError(f"extra tensor names must start with {EXTRA_PREFIX!r}: {name}")
+            tensors[name] = t.detach().cpu().contiguous()
         header = {META_KEY: meta_json, DIGEST_KEY: _file_digest(meta_json, tensors)}
         atomic_write(Path(path), st_save(tensors, metadata=header))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> tuple[AdapterState, dict]:
+    def load(
+        cls, path: str | os.PathLike, device=None, extra: dict | None = None
+    ) -> tuple[AdapterState, dict]:
         """Read a state saved by `save`; returns it (float32 sums on `device`) and its metadata.
 
         Raises FileNotFoundError when there is no file, and CorruptStateError when anything
@@ -193,13 +204,19 @@ class AdapterState:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved state at {path}")
-        return cls.from_bytes(path.read_bytes(), device=device, source=path)
+        return cls.from_bytes(path.read_bytes(), device=device, source=path, extra=extra)
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, device=None, source: str | os.PathLike = "state"
+        cls,
+        data: bytes,
+        device=None,
+        source: str | os.PathLike = "state",
+        extra: dict | None = None,
     ) -> tuple[AdapterState, dict]:
-        """`load` for the bytes of a saved file; `source` names it in error messages."""
+        """`load` for the bytes of a saved file; `source` names it in error messages. Tensors
+        saved as `extra` (checked by the same checksum) are put into the dict `extra` when one is
+        given, and ignored otherwise."""
         header = _read_header(data, source)
         meta_json = header.get(META_KEY)
         try:
@@ -219,6 +236,9 @@ class AdapterState:
         counts = [meta.get(k, 0) for k in ("tokens", "chunks", "documents")]
         if any(type(c) is not int or c < 0 for c in counts):
             raise CorruptStateError(f"{source}: token, chunk and document counts must be ints >= 0")
+        extras = {n: tensors.pop(n) for n in list(tensors) if n.startswith(EXTRA_PREFIX)}
+        if extra is not None:
+            extra.update(extras)
         if any(t.dtype != torch.float32 or t.dim() != 2 for t in tensors.values()):
             raise CorruptStateError(f"{source}: sums must be float32 matrices")
         state = cls({n: t.to(device) for n, t in tensors.items()}, *counts)
