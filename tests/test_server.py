@@ -1,6 +1,7 @@
 """`genadapter serve` against a real uvicorn on loopback, with httpx and the official openai client:
-sessions, absorbing, chat (streaming or not) under each session's state, persistence, concurrency
-and limits. Answers are compared with the library decoding the same prompt under the same state."""
+sessions, absorbing, chat (streaming or not) under each session's state and reading its memory,
+persistence, concurrency and limits. Answers are compared with the library decoding the same prompt
+under the same state and memory."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from genadapter.generation import SamplingParams, generate_ids, stream_text
 from genadapter.generator import Generator
 from genadapter.model import AdaptedModel
 from genadapter.server.app import ServerConfig, create_app
+from genadapter.server.resident import MemoryCapExceeded, ResidentSessions, memory_nbytes
 from genadapter.server.store import SESSION_ID, DocumentInfo, SessionStore
 from genadapter.server.worker import Finished, ModelWorker
+from genadapter.session import Session
 from genadapter.state import AdapterState
 
 from .conftest import DOCUMENT, TEST_CHUNK, make_tiny_base
@@ -75,11 +78,12 @@ def running(app):
 
 
 @contextmanager
-def served(model, store: Path):
-    """The tests' server over `store` (small document limits, batches of 8), running, with an
-    HTTP client that sends the key: a namespace of url, app, store and http."""
+def served(model, store: Path, **options):
+    """The tests' server over `store` (small document limits, batches of 8, other `options` of
+    ServerConfig), running, with an HTTP client that sends the key: a namespace of url, app,
+    store and http."""
     config = ServerConfig(
-        api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8
+        api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8, **options
     )
     app = create_app(model, store, config)
     with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as http:
@@ -104,9 +108,20 @@ def new_session(server, *documents: str) -> str:
     return sid
 
 
+def saved_session(model, server, sid: str) -> Session:
+    """The session (state and memory) as persisted on disk."""
+    return model.load_session(server.store / "states" / f"{sid}.safetensors")
+
+
 def saved_state(model, server, sid: str):
     """The session's state as persisted on disk."""
-    return model.load_session(server.store / "states" / f"{sid}.safetensors").state
+    return saved_session(model, server, sid).state
+
+
+def absorbed(model, document: str) -> AdapterState:
+    """The state of `document` as a session absorbs it (its chunks encoded after the memory's
+    prefix, in the pass that also fills the memory)."""
+    return model.encode(document, memory=model.new_memory())[0]
 
 
 def prompt_ids(model, messages: list[dict]) -> list[int]:
@@ -115,10 +130,13 @@ def prompt_ids(model, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def reference_answer(model, state, messages: list[dict], max_tokens: int) -> str:
-    """The same chat decoded alone by the library (greedy)."""
-    ids = prompt_ids(model, messages)
-    tokens = generate_ids(model, ids, state, SamplingParams(max_new_tokens=max_tokens))
+def reference_answer(model, session, messages: list[dict], max_tokens: int) -> str:
+    """The same chat decoded alone by the library (greedy), under `session` (a Session: its state,
+    reading its memory as Session.chat lays it out; a bare AdapterState; None: the base)."""
+    state, prompt = session, prompt_ids(model, messages)
+    if isinstance(session, Session):
+        state, prompt = session.state, session.chat_layout(messages, max_tokens)
+    tokens = generate_ids(model, prompt, state, SamplingParams(max_new_tokens=max_tokens))
     return "".join(stream_text(model.tokenizer, tokens, []))
 
 
@@ -165,21 +183,21 @@ def test_absorb_plain_json_and_upload_sum_to_the_library_state(server, random_mo
     assert [d["name"] for d in info["documents"]] == [None, "ferry.txt", "bakery.txt"]
     expected = random_model.new_state()
     for doc in DOCS[:3]:
-        expected.add_(random_model.encode(doc)[0])
+        expected.add_(absorbed(random_model, doc))
     assert (info["tokens"], info["chunks"], info["document_count"]) == (
         expected.tokens,
         expected.chunks,
         3,
     )
     assert [d["tokens"] for d in info["documents"]] == [
-        random_model.encode(d)[0].tokens for d in DOCS[:3]
+        absorbed(random_model, d).tokens for d in DOCS[:3]
     ]
     assert_states_close(saved_state(random_model, server, sid), expected)
 
 
 def test_chat_non_streaming_and_streaming_use_the_session_state(server, random_model):
     sid = new_session(server, DOCUMENT)
-    state = saved_state(random_model, server, sid)
+    state = saved_session(random_model, server, sid)
     messages = ask("When was the line electrified?")
     expected = reference_answer(random_model, state, messages, 8)
     assert expected != reference_answer(random_model, None, messages, 8)  # the state matters
@@ -220,7 +238,7 @@ def test_chat_non_streaming_and_streaming_use_the_session_state(server, random_m
 def test_sse_format_and_stop_strings(server, random_model):
     sid = new_session(server, DOCS[3])
     messages = ask("Tell me about the observatory.")
-    full = reference_answer(random_model, saved_state(random_model, server, sid), messages, 12)
+    full = reference_answer(random_model, saved_session(random_model, server, sid), messages, 12)
     words = full.split()
     assert len(words) >= 3, full
     stop = " " + words[2]
@@ -253,7 +271,7 @@ def test_concurrent_absorbs_into_one_session_both_count(server, random_model):
             )
         )
     assert [r.status_code for r in replies] == [201, 201]
-    expected = random_model.encode(docs[0])[0].add_(random_model.encode(docs[1])[0])
+    expected = absorbed(random_model, docs[0]).add_(absorbed(random_model, docs[1]))
     info = server.http.get(f"/v1/sessions/{sid}").json()
     assert (info["tokens"], info["document_count"]) == (expected.tokens, 2)
     assert_states_close(saved_state(random_model, server, sid), expected)
@@ -278,7 +296,7 @@ def test_twenty_concurrent_chats_across_five_sessions(server, random_model):
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(chat, jobs))
-    states = {sid: saved_state(random_model, server, sid) for sid in sessions}
+    states = {sid: saved_session(random_model, server, sid) for sid in sessions}
     expected = [reference_answer(random_model, states[s], ask(q), 8) for s, q, _ in jobs]
     assert answers == expected
     assert len(set(answers)) > len(QUESTIONS)  # sessions answer differently: states were used
@@ -446,7 +464,9 @@ def test_sampling_parameters_at_the_edges_of_their_ranges_are_served(server, ran
 def test_a_bad_seed_is_refused_while_another_users_stream_runs_on(server, random_model):
     sid = new_session(server, DOCS[1])
     messages = ask("Describe the ferry.")
-    expected = reference_answer(random_model, saved_state(random_model, server, sid), messages, 12)
+    expected = reference_answer(
+        random_model, saved_session(random_model, server, sid), messages, 12
+    )
     body = {"messages": messages, "session_id": sid, "max_tokens": 12, "temperature": 0}
     with server.http.stream("POST", CHAT, json={**body, "stream": True}) as r:
         lines = r.iter_lines()
@@ -548,6 +568,158 @@ def test_logit_bias_and_penalties_are_applied(server, random_model):
         CHAT, json={**body, "messages": messages, "max_tokens": steps, **penalties}
     )
     assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+# -- the context memory: read as a local session reads it, a budget per session, a cap overall --
+
+
+def test_a_chat_reads_the_memory_of_its_session_as_a_local_session_does(server, random_model):
+    local = random_model.session()
+    local.absorb(DOCUMENT)
+    sid = new_session(server, DOCUMENT)
+    info = server.http.get(f"/v1/sessions/{sid}").json()
+    assert local.memory_tokens > 0 and info["memory_tokens"] == local.memory_tokens
+    assert info["memory_bytes"] == local.memory_bytes
+    question = "When was the line electrified?"
+    expected = local.chat(question, max_new_tokens=12)
+    # The memory matters: the same state without it answers otherwise.
+    assert expected != Session(random_model, local.state, memory=False).chat(question, 12)
+    body = {"messages": ask(question), "session_id": sid, "max_tokens": 12, "temperature": 0}
+    r = server.http.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    # The prompt counts what was read: the conversation and the memory laid out in it.
+    layout = local.chat_layout(ask(question), 12)
+    assert layout.read is not None and r.json()["usage"]["prompt_tokens"] == len(layout)
+    stream = server.openai.chat.completions.create(
+        model=sid, messages=ask(question), max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    # Without max_tokens the memory is still read (the answer may fill what it leaves of the
+    # window): the same answer, cut here by a stop string.
+    stop = expected.strip()[-3:]
+    assert stop, expected
+    r = server.http.post(CHAT, json={**body, "max_tokens": None, "stop": stop})
+    assert r.json()["choices"][0]["message"]["content"] == expected[: expected.index(stop)]
+    # A conversation without a user message reads nothing (no question, nowhere to lay it out).
+    system = [{"role": "system", "content": "Be brief."}]
+    r = server.http.post(CHAT, json={**body, "messages": system, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+        prompt_ids(random_model, system)
+    ), r.text
+
+
+def test_rows_reading_different_memories_share_a_prefill_and_each_reads_its_own(random_model):
+    """Chats queued before the worker starts are admitted in one batched prefill: two sessions
+    with different memories and one without any; each decodes what it decodes alone."""
+    sessions = [random_model.session() for _ in range(3)]
+    sessions[0].absorb(DOCS[0])
+    sessions[1].absorb(DOCUMENT)
+    questions = ["Who keeps bees?", "Who designed the brake?", "Who keeps bees?"]
+    params = SamplingParams(max_new_tokens=10)
+    prompts = [s.chat_layout(ask(q), 10) for s, q in zip(sessions, questions)]
+    assert [p.read is not None for p in prompts] == [True, True, False]
+    expected = [
+        list(generate_ids(random_model, p, s.state, params)) for p, s in zip(prompts, sessions)
+    ]
+    assert expected[0] != expected[2]  # the memory was read
+    worker = ModelWorker(random_model, max_batch=8)
+    jobs = [worker.chat(p, s.state, params) for p, s in zip(prompts, sessions)]
+    worker.start()
+    try:
+        got = [drain(job) for job in jobs]
+    finally:
+        worker.stop()
+    assert [tokens for tokens, _ in got] == expected
+    assert worker.max_rows == 3  # decoded together, from one prefill
+
+
+def test_a_document_past_the_session_memory_budget_is_refused_and_changes_nothing(
+    random_model, tmp_path
+):
+    budget = 100
+    with served(random_model, tmp_path, session_memory_tokens=budget) as server:
+        sid = new_session(server, DOCS[0])
+        before = server.http.get(f"/v1/sessions/{sid}").json()
+        assert 0 < before["memory_tokens"] < budget
+        r = server.http.post(f"/v1/sessions/{sid}/documents", json={"text": DOCUMENT})
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert (
+            error["code"] == "memory_budget_exceeded" and error["type"] == "invalid_request_error"
+        )
+        assert str(budget) in error["message"]
+        assert server.http.get(f"/v1/sessions/{sid}").json() == before
+        assert saved_session(random_model, server, sid).memory_tokens == before["memory_tokens"]
+        # What fits is still absorbed.
+        r = server.http.post(f"/v1/sessions/{sid}/documents", json={"text": DOCS[1]})
+        assert r.status_code == 201 and r.json()["session"]["document_count"] == 2, r.text
+
+
+def test_the_memory_cap_spills_idle_sessions_and_refuses_what_cannot_fit(random_model, tmp_path):
+    def nbytes(text: str) -> int:
+        return memory_nbytes(random_model, [len(c) for c in random_model.chunks(text)])
+
+    cap = nbytes(DOCS[0]) + nbytes(DOCS[1]) // 2  # one of the two fits, not both
+    with served(random_model, tmp_path, memory_cap_bytes=cap) as server:
+        first = new_session(server, DOCS[0])
+        assert server.http.get(f"/v1/sessions/{first}").json()["memory_bytes"] == nbytes(DOCS[0])
+        second = new_session(server, DOCS[1])  # the first is spilled to make room
+        stats = server.http.get("/v1/stats").json()
+        assert stats["spilled_sessions"] == 1 and stats["loaded_memory_bytes"] == nbytes(DOCS[1])
+        assert stats["memory_bytes"] == nbytes(DOCS[0]) + nbytes(DOCS[1]) > cap
+        # A spilled session lost nothing: it loads again (spilling the other) and reads its memory.
+        question = ask("Who keeps bees?")
+        expected = reference_answer(
+            random_model, saved_session(random_model, server, first), question, 8
+        )
+        body = {"messages": question, "session_id": first, "max_tokens": 8, "temperature": 0}
+        r = server.http.post(CHAT, json=body)
+        assert r.json()["choices"][0]["message"]["content"] == expected, r.text
+        assert server.http.get("/v1/stats").json()["spilled_sessions"] == 2
+        # A document whose memory could never fit the cap: a 429, and the session is unchanged.
+        before = server.http.get(f"/v1/sessions/{second}").json()
+        r = server.http.post(f"/v1/sessions/{second}/documents", json={"text": DOCUMENT})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "memory_cap_exceeded"
+        assert server.http.get(f"/v1/sessions/{second}").json() == before
+
+
+def test_sessions_in_use_are_not_spilled(random_model):
+    sessions = [random_model.session() for _ in range(3)]
+    for s, doc in zip(sessions, DOCS):
+        s.absorb(doc)
+    sessions.sort(key=lambda s: -s.memory_bytes)  # the third fits where the second was
+    held = ResidentSessions(cap=sessions[0].memory_bytes + sessions[1].memory_bytes)
+    held.put("a", sessions[0])
+    held.put("b", sessions[1])
+    with held.pinned("a"), held.pinned("b"):
+        with pytest.raises(MemoryCapExceeded):
+            held.put("c", sessions[2])
+        assert held.get("a") is sessions[0] and held.get("b") is sessions[1]  # nothing spilled
+    with held.pinned("a"):
+        held.put("c", sessions[2])  # b, idle now, makes room
+    assert (held.get("a"), held.get("b"), held.get("c")) == (sessions[0], None, sessions[2])
+
+
+def test_stats_and_listings_report_memory(server, random_model):
+    sid = new_session(server, DOCS[2])
+    empty = new_session(server)
+    local = random_model.session()
+    local.absorb(DOCS[2])
+    listed = {s["id"]: s for s in server.http.get("/v1/sessions").json()["sessions"]}
+    assert (listed[sid]["memory_tokens"], listed[sid]["memory_bytes"]) == (
+        local.memory_tokens,
+        local.memory_bytes,
+    )
+    assert (listed[empty]["memory_tokens"], listed[empty]["memory_bytes"]) == (0, 0)
+    stats = server.http.get("/v1/stats").json()
+    assert stats["object"] == "stats" and stats["sessions"] == len(listed)
+    assert stats["memory_tokens"] == sum(s["memory_tokens"] for s in listed.values())
+    assert stats["memory_bytes"] == sum(s["memory_bytes"] for s in listed.values())
+    assert stats["loaded_memory_bytes"] <= stats["memory_bytes"]
+    assert stats["session_memory_tokens"] == 32768 and stats["memory_cap_bytes"] == 4 << 30
+    assert httpx.get(f"{server.url}/v1/stats").status_code == 401  # the key is needed
 
 
 # -- every failure in the error shape; the window; clients that leave ----------------------------
@@ -674,7 +846,9 @@ def test_a_session_is_a_model(server, random_model):
     assert server.openai.models.retrieve("quill-bees").session_id == named
 
     messages = ask("Who keeps bees?")
-    expected = reference_answer(random_model, saved_state(random_model, server, named), messages, 6)
+    expected = reference_answer(
+        random_model, saved_session(random_model, server, named), messages, 6
+    )
     for model in ("quill-bees", named):
         r = server.openai.chat.completions.create(
             model=model, messages=messages, max_tokens=6, temperature=0
@@ -967,5 +1141,5 @@ def test_chat_page_in_headless_chromium(server, random_model, tmp_path):
     assert SESSION_ID.fullmatch(got["session"]), got
     info = server.http.get(f"/v1/sessions/{got['session']}").json()
     assert info["document_count"] == 1 and f"{info['tokens']} tokens" in got["info"]
-    state = saved_state(random_model, server, got["session"])
-    assert got["answer"] == reference_answer(random_model, state, ask(question), 8)
+    session = saved_session(random_model, server, got["session"])
+    assert got["answer"] == reference_answer(random_model, session, ask(question), 8)

@@ -3,7 +3,13 @@
 Handlers never run the model: they validate (validation.py), tokenize, and hand work to the
 ModelWorker (worker.py); chat.py turns a job's tokens into the client's answer and errors.py
 gives every failure OpenAI's error shape. A session is addressed by its id or its name, in paths
-and as a chat request's `model` (vLLM's convention for adapters) or `session_id`."""
+and as a chat request's `model` (vLLM's convention for adapters) or `session_id`.
+
+A session holds both parts of what it absorbed (DESIGN.md): the adapter state its chats run
+under, and the context memory they read, laid out as Session.chat_layout lays it out (built in the
+model thread: choosing what a turn reads takes a forward of the base). A session's memory holds
+at most `session_memory_tokens`; the loaded sessions' memories at most `memory_cap_bytes`
+together, idle sessions being spilled (they are in their files) to make room (store.py)."""
 
 from __future__ import annotations
 
@@ -21,14 +27,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from ..model import AdaptedModel
+from . import documents
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
 from .libraries import DEFAULT_K, LibraryStore, library_router
 from .store import DocumentInfo, SessionNameTaken, SessionStore, UnknownSession
-from .validation import ChatRequest, DocumentBody, SessionBody
+from .validation import ChatRequest, SessionBody
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,8 @@ class ServerConfig:
     # Without max_tokens a chat may fill the window; a number caps that default.
     default_max_tokens: int | None = None
     encode_chunks_per_turn: int = 1  # document chunks encoded between two decode steps
+    session_memory_tokens: int | None = 32768  # most memory tokens one session holds
+    memory_cap_bytes: int | None = 4 << 30  # most bytes of memory loaded at once, all sessions
 
 
 def base_model_ids(name: str) -> set[str]:
@@ -61,7 +69,12 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `model`, with sessions kept under `store_dir`."""
     config = config or ServerConfig()
-    store = SessionStore(store_dir, model)
+    store = SessionStore(
+        store_dir,
+        model,
+        memory_budget=config.session_memory_tokens,
+        memory_cap=config.memory_cap_bytes,
+    )
     worker = ModelWorker(model, config.max_batch, config.encode_chunks_per_turn)
     libraries = LibraryStore(store_dir, model, worker)
     tokenizer = model.tokenizer
@@ -120,7 +133,8 @@ def create_app(
 
     @api.get("/sessions")
     async def list_sessions() -> dict:
-        return {"object": "list", "data": await in_thread(store.ids)}
+        sessions = await in_thread(store.summaries)
+        return {"object": "list", "data": [s["id"] for s in sessions], "sessions": sessions}
 
     @api.get("/sessions/{key}")
     async def get_session(key: str) -> dict:
@@ -143,11 +157,16 @@ def create_app(
                 "document_too_large",
             )
         chunks = await in_thread(tokenize_document, data)
-        check_capacity()
-        start = time.perf_counter()
-        delta = await asyncio.wrap_future(worker.encode(chunks))
-        doc = DocumentInfo(name, len(data), delta.tokens, delta.chunks, time.time())
-        await in_thread(store.add, session_id, delta, doc)
+        with store.pinned(session_id):
+            # Budget and cap first (checked again when it is added): a refused document costs
+            # no encoding.
+            await in_thread(store.check_room, session_id, [len(c) for c in chunks])
+            check_capacity()
+            start = time.perf_counter()
+            memory = model.new_memory()
+            delta = await asyncio.wrap_future(worker.encode(chunks, memory))
+            doc = DocumentInfo(name, len(data), delta.tokens, delta.chunks, time.time())
+            await in_thread(store.add, session_id, delta, doc, memory)
         return {
             "object": "session.document",
             "session_id": session_id,
@@ -157,42 +176,10 @@ def create_app(
         }
 
     async def read_document(request: Request) -> tuple[bytes, str | None]:
-        kind = request.headers.get("content-type", "text/plain").split(";")[0].strip().lower()
-        name = request.query_params.get("name")
-        if kind == "application/json":
-            try:
-                body = DocumentBody.model_validate_json(await request.body())
-            except ValidationError as e:
-                raise RequestValidationError(e.errors(include_url=False)) from e
-            return body.text.encode("utf-8"), body.name or name
-        if kind == "multipart/form-data":
-            form = await request.form(max_part_size=config.max_document_bytes + 1)
-            upload = form.get("file")
-            if isinstance(upload, UploadFile):
-                return await upload.read(), upload.filename or name
-            if isinstance(upload, str):
-                return upload.encode("utf-8"), name
-            raise ApiError(422, "a multipart upload needs a 'file' field", "missing_file", "file")
-        if kind in ("text/plain", "text/markdown", "application/octet-stream"):
-            return await request.body(), name
-        raise ApiError(
-            415,
-            f'unsupported content type {kind!r}: send text/plain, JSON {{"text": ...}}, '
-            "or a multipart file upload",
-            "unsupported_media_type",
-        )
+        return await documents.read_document(request, config.max_document_bytes)
 
     def tokenize_document(data: bytes) -> list[list[int]]:
-        limit = config.max_document_tokens
-        chunks, tokens = [], 0
-        for chunk in model.chunks(data):
-            tokens += len(chunk)
-            if tokens > limit:
-                raise ApiError(
-                    413, f"document is over {limit} tokens, the limit", "document_too_large"
-                )
-            chunks.append(chunk)
-        return chunks
+        return documents.tokenize_document(model, data, config.max_document_tokens)
 
     # -- chat --
 
@@ -259,14 +246,41 @@ def create_app(
             return min(room, config.default_max_tokens or room)
         return wanted
 
+    async def read_memory(session, messages, body: ChatRequest, ids: list[int], length: int):
+        """(prompt, answer length) of a chat on a session with a memory: the Layout of what
+        its last message reads, with room left for the answer (max_tokens; without it, the
+        default cap or one token, and then the answer gets what the memory leaves)."""
+        if not any(m["role"] == "user" for m in messages):
+            return ids, length  # no question to read for, and no user message to lay it out in
+        wanted = body.wanted_tokens()
+        reserve = length if wanted is not None else min(length, config.default_max_tokens or 1)
+        check_capacity()
+        layout = await asyncio.wrap_future(
+            worker.call(lambda: session.chat_layout(messages, reserve))
+        )
+        if layout.read is None:
+            return ids, length
+        if wanted is None:
+            room = model.max_positions - len(layout)
+            length = min(room, config.default_max_tokens or room)
+        return layout, length
+
     @api.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         routes, library = await chat_library(body)
         session_id, echoed = (None, model_name) if routes is not None else await chat_session(body)
-        state = None if session_id is None else await in_thread(store.state, session_id)
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
         prompt = await in_thread(template, messages)
         params, adjust = body.sampling(answer_length(body, prompt), worker.vocab_size)
+        state = None
+        with store.pinned(session_id):  # not spilled while its memory is being read
+            if session_id is not None:
+                session = await in_thread(store.session, session_id)
+                state = session.state
+                if session.memory_tokens:
+                    prompt, params.max_new_tokens = await read_memory(
+                        session, messages, body, prompt, params.max_new_tokens
+                    )
         check_capacity()
         job = worker.chat(prompt, state, params, adjust, routes)
         completion = Completion(job, worker, tokenizer, params.stop)
@@ -337,6 +351,12 @@ def create_app(
             ):
                 return card
         raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
+
+    # -- sessions' memories, loaded and stored --
+
+    @api.get("/stats")
+    async def stats() -> dict:
+        return {"object": "stats", **await in_thread(store.stats), "pending": worker.pending}
 
     api.include_router(
         library_router(

@@ -31,6 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if args.port is not None and not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    for option in ("session_memory_tokens", "memory_cap_bytes"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
     import uvicorn
 
     from ..options import load_model
@@ -41,6 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_document_bytes=args.max_document_bytes,
         max_document_tokens=args.max_document_tokens,
         max_batch=args.max_batch,
+        session_memory_tokens=args.session_memory_tokens,
+        memory_cap_bytes=args.memory_cap_bytes,
     )
     app = create_app(load_model(args), args.store, config)
     logging.getLogger("genadapter").setLevel(logging.INFO)
@@ -85,5 +90,21 @@ def add_serve_parser(sub) -> None:
         default=32,
         metavar="N",
         help="chats decoded together (default: 32)",
+    )
+    serve.add_argument(
+        "--session-memory-tokens",
+        type=int,
+        default=32768,
+        metavar="N",
+        help="most tokens of context memory one session holds; a document past it is refused "
+        "(default: 32768)",
+    )
+    serve.add_argument(
+        "--memory-cap-bytes",
+        type=int,
+        default=4 << 30,
+        metavar="N",
+        help="most bytes of session memory loaded at once; idle sessions are spilled to the "
+        "store to make room (default: 4294967296, 4 GiB)",
     )
     serve.set_defaults(run=cmd_serve)

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException
 
 from ..state import CorruptStateError, IncompatibleStateError
 from ..text import DocumentError
-from .store import SessionNameTaken, UnknownSession
+from .resident import MemoryCapExceeded
+from .store import MemoryBudgetExceeded, SessionNameTaken, UnknownSession
 from .worker import ServerShuttingDown
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SessionNameTaken)
     async def name_taken(request: Request, e: SessionNameTaken):
         return error_response(409, str(e), "session_name_taken", "name")
+
+    @app.exception_handler(MemoryBudgetExceeded)
+    async def over_budget(request: Request, e: MemoryBudgetExceeded):
+        return error_response(413, str(e), "memory_budget_exceeded")
+
+    @app.exception_handler(MemoryCapExceeded)
+    async def over_cap(request: Request, e: MemoryCapExceeded):
+        return error_response(429, str(e), "memory_cap_exceeded", headers={"Retry-After": "1"})
 
     @app.exception_handler(DocumentError)
     async def bad_document(request: Request, e: DocumentError):

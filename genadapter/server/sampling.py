@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import SamplingParams, sample
+from ..memory_read import Layout
 from ..state import AdapterState
 
 
@@ -41,9 +42,10 @@ class Finished:
 
 @dataclass
 class ChatJob:
-    """A chat as the worker gets it; its tokens (ints, then one Finished) arrive on `tokens`."""
+    """A chat as the worker gets it; its tokens (ints, then one Finished) arrive on `tokens`.
+    `prompt`: token ids, or a Layout reading the session's memory (its len counts the memory)."""
 
-    prompt: list[int]
+    prompt: list[int] | Layout
     state: AdapterState | None
     params: SamplingParams
     adjust: LogitAdjust | None = None

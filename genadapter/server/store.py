@@ -1,10 +1,14 @@
-"""Where the server keeps sessions: SQLite for metadata, one safetensors file per session state.
+"""Where the server keeps sessions: SQLite for metadata, one safetensors file per session (its
+adapter state and its context memory, under one checksum).
 
-A state file is replaced atomically (write a temp file, fsync, rename), so a crash mid-write
-leaves the previous state. The state file is the truth for the sums and their counters; the
-database lists sessions and their documents. Absorbing adds under the session's lock, so two
-documents absorbed at once both count: the state is a sum. A session may have a unique name, so
-clients can address it as a `model` (vLLM's convention for adapters)."""
+A session file is replaced atomically (write a temp file, fsync, rename), so a crash mid-write
+leaves the previous session. The file is the truth for the sums, the memory and their counters;
+the database lists sessions and their documents, and each session's memory tokens and bytes (for
+listings without loading every file). Absorbing adds under the session's lock, so two documents
+absorbed at once both count: the state is a sum, the memory a union. A session's memory may hold
+at most `memory_budget` tokens (MemoryBudgetExceeded); loaded sessions are held by
+resident.ResidentSessions under the server-wide cap on memory bytes. A session may have a unique
+name, so clients can address it as a `model` (vLLM's convention for adapters)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,16 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..memory import ContextMemory
 from ..model import AdaptedModel
 from ..session import Session
 from ..state import AdapterState, CorruptStateError
+from .resident import ResidentSessions, memory_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    name TEXT
+    name TEXT,
+    memory_tokens INTEGER NOT NULL DEFAULT 0,
+    memory_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS documents (
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -60,6 +69,10 @@ class UnknownSession(KeyError):
 
 class SessionNameTaken(ValueError):
     """Another session, or the served model, already has this name."""
+
+
+class MemoryBudgetExceeded(ValueError):
+    """Absorbing a document would take a session's memory past its budget of tokens."""
 
 
 def check_session_name(name: str) -> str:
@@ -95,7 +108,14 @@ def check_session_id(session_id: object) -> str:
 class SessionStore:
     """Sessions of one model under `root`: root/sessions.db and root/states/<id>.safetensors."""
 
-    def __init__(self, root: str | Path, model: AdaptedModel, cache_size: int = 1024):
+    def __init__(
+        self,
+        root: str | Path,
+        model: AdaptedModel,
+        cache_size: int = 1024,
+        memory_budget: int | None = None,
+        memory_cap: int | None = None,
+    ):
         self.root = Path(root)
         self.states_dir = self.root / "states"
         self.states_dir.mkdir(parents=True, exist_ok=True)
@@ -107,15 +127,20 @@ class SessionStore:
         columns = [r[1] for r in self._db.execute("PRAGMA table_info(sessions)")]
         if "name" not in columns:  # a store made before sessions had names
             self._db.execute("ALTER TABLE sessions ADD COLUMN name TEXT")
+        for column in ("memory_tokens", "memory_bytes"):  # made before sessions had memories
+            if column not in columns:
+                self._db.execute(
+                    f"ALTER TABLE sessions ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+                )
         self._db.execute(NAME_INDEX)
         self._db.commit()
         self._db_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        # Loaded states, most recently used last. A state is never changed in place once cached
-        # (absorbing swaps in a new object), so a chat may keep using the one it was handed.
-        self._cache: OrderedDict[str, AdapterState] = OrderedDict()
-        self._cache_size = cache_size
+        # Loaded sessions. A session is never changed in place once held (absorbing swaps in a
+        # new one), so a chat may keep using the state and memory it was handed.
+        self.resident = ResidentSessions(cache_size, memory_cap)
+        self.memory_budget = memory_budget  # most memory tokens one session holds (None: any)
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -156,21 +181,40 @@ class SessionStore:
             raise UnknownSession(session_id)
         return rows[0]
 
-    def _cached(self, session_id: str) -> AdapterState | None:
-        with self._locks_lock:
-            return self._cache.get(session_id)
+    def _load(self, session_id: str) -> Session:
+        path = self._path(session_id)
+        if not path.is_file():
+            raise CorruptStateError(f"the state file of session {session_id} is missing")
+        return self.model.load_session(path)
 
-    def _remember(self, session_id: str, state: AdapterState) -> None:
-        with self._locks_lock:
-            self._cache[session_id] = state
-            self._cache.move_to_end(session_id)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+    def _peek(self, session_id: str) -> Session:
+        """The session, held or read from its file (then not held: no room is made for it)."""
+        return self.resident.get(session_id) or self._load(session_id)
 
-    def _write(self, session_id: str, state: AdapterState, created: float) -> None:
-        session = Session(self.model, state)
+    def _write(self, session_id: str, session: Session, created: float) -> None:
         session.created = created
         session.save(self._path(session_id))
+
+    def _joined(self, current: Session, delta: AdapterState, memory: ContextMemory | None):
+        """A new session: `current` with a document's state and memory added (current is not
+        changed: chats may be using it). Raises MemoryBudgetExceeded past the budget."""
+        joined = current.memory
+        if memory is not None and not memory.is_empty:
+            tokens = current.memory_tokens + memory.tokens
+            if self.memory_budget is not None and tokens > self.memory_budget:
+                raise MemoryBudgetExceeded(self._over_budget(current.memory_tokens, memory.tokens))
+            old = current.memory if current.memory is not None else self.model.new_memory()
+            if old.is_empty:  # a session saved empty by another memory setting
+                old = self.model.new_memory()
+            joined = ContextMemory(old.prefix_len, old.storage, list(old.chunks), old.documents)
+            joined.extend(memory)
+        return Session(self.model, current.state.clone().add_(delta), memory=joined or False)
+
+    def _over_budget(self, held: int, added: int) -> str:
+        return (
+            f"the session's memory holds {held} tokens; {added} more would pass its budget "
+            f"of {self.memory_budget} tokens (delete it, or absorb into a new session)"
+        )
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -181,8 +225,8 @@ class SessionStore:
             check_session_name(name)
         session_id = new_session_id()
         now = time.time()
-        # The empty state is written first, so every listed session has a state file.
-        self._write(session_id, self.model.new_state(), now)
+        # The empty session is written first, so every listed session has a state file.
+        self._write(session_id, Session(self.model), now)
         try:
             with self._db_lock, self._db:
                 self._db.execute(
@@ -207,6 +251,47 @@ class SessionStore:
         """(id, name, created) of every session, oldest first."""
         return self._query("SELECT id, name, created FROM sessions ORDER BY created")
 
+    def summaries(self) -> list[dict]:
+        """Every session's id, name, memory tokens and bytes, oldest first."""
+        rows = self._query(
+            "SELECT id, name, memory_tokens, memory_bytes FROM sessions ORDER BY created"
+        )
+        keys = ("id", "name", "memory_tokens", "memory_bytes")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def stats(self) -> dict:
+        """Sessions and their memories: all stored, those loaded, the budget and the cap."""
+        ((count, tokens, nbytes),) = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(memory_tokens), 0), COALESCE(SUM(memory_bytes), 0) "
+            "FROM sessions"
+        )
+        return {
+            "sessions": count,
+            "memory_tokens": tokens,
+            "memory_bytes": nbytes,
+            **self.resident.stats(),
+            "session_memory_tokens": self.memory_budget,
+        }
+
+    def pinned(self, session_id: str | None) -> AbstractContextManager:
+        """While inside, the session is in use: it is not spilled to make room for memory."""
+        return self.resident.pinned(session_id)
+
+    def check_room(self, session_id: str, chunk_lengths: Sequence[int]) -> None:
+        """Before absorbing a document of these chunk lengths: MemoryBudgetExceeded when it
+        would pass the session's budget, MemoryCapExceeded when no room could be made for it
+        (the same checks are made again when it is added)."""
+        if self.model.memory_storage is None:
+            return
+        ((held, nbytes),) = self._query(
+            "SELECT memory_tokens, memory_bytes FROM sessions WHERE id = ?",
+            (check_session_id(session_id),),
+        ) or [(0, 0)]
+        added = sum(chunk_lengths)
+        if self.memory_budget is not None and held + added > self.memory_budget:
+            raise MemoryBudgetExceeded(self._over_budget(held, added))
+        self.resident.make_room(session_id, nbytes + memory_nbytes(self.model, chunk_lengths))
+
     def exists(self, session_id: str) -> bool:
         try:
             self._row(session_id)
@@ -217,21 +302,25 @@ class SessionStore:
     def ids(self) -> list[str]:
         return [r[0] for r in self._query("SELECT id FROM sessions ORDER BY created")]
 
-    def state(self, session_id: str) -> AdapterState:
-        """The session's current state. Treat it as read-only: it may be shared."""
+    def session(self, session_id: str) -> Session:
+        """The session (its state and memory), loaded and held. Treat it as read-only: it may
+        be shared. Raises MemoryCapExceeded when no room can be made for its memory."""
         self._row(session_id)
-        cached = self._cached(session_id)
-        if cached is not None:
-            self._remember(session_id, cached)
-            return cached
+        held = self.resident.get(session_id)
+        if held is not None:
+            return held
         with self._lock(session_id):
             self._row(session_id)  # deleted meanwhile?
-            path = self._path(session_id)
-            if not path.is_file():
-                raise CorruptStateError(f"the state file of session {session_id} is missing")
-            state = self.model.load_session(path).state
-            self._remember(session_id, state)
-            return state
+            held = self.resident.get(session_id)  # loaded meanwhile?
+            if held is not None:
+                return held
+            session = self._load(session_id)
+            self.resident.put(session_id, session)
+            return session
+
+    def state(self, session_id: str) -> AdapterState:
+        """The session's current state. Treat it as read-only: it may be shared."""
+        return self.session(session_id).state
 
     def documents(self, session_id: str) -> list[DocumentInfo]:
         rows = self._query(
@@ -243,7 +332,8 @@ class SessionStore:
 
     def info(self, session_id: str) -> dict:
         created, updated, name = self._row(session_id)
-        state = self.state(session_id)
+        session = self._peek(session_id)
+        state = session.state
         return {
             "id": session_id,
             "object": "session",
@@ -256,30 +346,42 @@ class SessionStore:
             "documents": [vars(d) for d in self.documents(session_id)],
             "state_bytes": state.nbytes,
             "state_checksum": state.checksum(),
+            "memory_tokens": session.memory_tokens,
+            "memory_bytes": session.memory_bytes,
         }
 
-    def add(self, session_id: str, delta: AdapterState, doc: DocumentInfo) -> AdapterState:
-        """Add an absorbed document's state to the session's state and persist both.
+    def add(
+        self,
+        session_id: str,
+        delta: AdapterState,
+        doc: DocumentInfo,
+        memory: ContextMemory | None = None,
+    ) -> AdapterState:
+        """Add an absorbed document's state (and its memory: one document) to the session's
+        and persist them.
 
-        The sum is taken under the session's lock on a copy, written atomically, and only then
-        made current, so readers see the old state or the new one."""
+        The sum and union are taken under the session's lock on copies, written atomically, and
+        only then made current, so readers see the old session or the new one. Raises, changing
+        nothing, MemoryBudgetExceeded past the session's budget and MemoryCapExceeded when no
+        room can be made for its memory."""
         with self._lock(session_id):
             created, _, _ = self._row(session_id)
-            current = self._cached(session_id)
-            if current is None:
-                current = self.model.load_session(self._path(session_id)).state
-            new = current.clone().add_(delta)
+            new = self._joined(self._peek(session_id), delta, memory)
+            self.resident.make_room(session_id, new.memory_bytes)
             self._write(session_id, new, created)
-            self._remember(session_id, new)  # the file holds it now, whatever happens next
+            # The file holds it now, whatever happens next; held if room is left for it.
+            self.resident.put(session_id, new, required=False)
             with self._db_lock, self._db:
                 self._db.execute(
                     "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
                     (session_id, doc.name, doc.bytes, doc.tokens, doc.chunks, doc.added),
                 )
                 self._db.execute(
-                    "UPDATE sessions SET updated = ? WHERE id = ?", (time.time(), session_id)
+                    "UPDATE sessions SET updated = ?, memory_tokens = ?, memory_bytes = ? "
+                    "WHERE id = ?",
+                    (time.time(), new.memory_tokens, new.memory_bytes, session_id),
                 )
-            return new
+            return new.state
 
     def delete(self, session_id: str) -> None:
         with self._lock(session_id):
@@ -287,6 +389,6 @@ class SessionStore:
             with self._db_lock, self._db:
                 self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             self._path(session_id).unlink(missing_ok=True)
+            self.resident.pop(session_id)
             with self._locks_lock:
-                self._cache.pop(session_id, None)
                 self._locks.pop(session_id, None)

@@ -4,7 +4,9 @@ document encoding interleaved.
 Every forward of the server happens here, because the adapted layers share one binding (the states
 of the batch being run). Each turn of the loop admits waiting chats (one batched prefill, merged
 into the running batch), runs one decode step for every running chat, each row under its own
-session's state, and encodes a few chunks of a waiting document. Tokens go to per-chat queues
+session's state and reading its own session's context memory (a memory_read.Layout prompt, whose
+prefill generation.prefill runs for rows with different memories at once), and encodes a few
+chunks of a waiting document (its state and memory). Tokens go to per-chat queues
 that never block, so a slow reader holds up nobody.
 
 A failure ends only the chat whose computation failed: a row's seed, logit adjustments and
@@ -24,11 +26,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..generation import SamplingParams, cache_kwargs
+from ..generation import SamplingParams, cache_kwargs, prefill
 from ..generation import _eos_ids as end_of_sequence_ids
+from ..memory import ContextMemory
+from ..memory_read import Layout
 from ..model import AdaptedModel
 from ..state import AdapterState
 from . import kvcache
+from .encodes import EncodeJob, encode_turn
 from .routed import RoutedChats
 from .sampling import ChatJob, Finished, LogitAdjust, Row
 
@@ -39,13 +44,6 @@ __all__ = ["ChatJob", "Finished", "LogitAdjust", "ModelWorker", "ServerShuttingD
 
 class ServerShuttingDown(RuntimeError):
     """Work that was still queued or running when the worker stopped."""
-
-
-@dataclass
-class _EncodeJob:
-    chunks: deque[list[int]]
-    future: Future
-    state: AdapterState
 
 
 @dataclass
@@ -63,7 +61,7 @@ class ModelWorker:
         self.encode_chunks_per_turn = encode_chunks_per_turn
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[ChatJob] = deque()
-        self._encodes: deque[_EncodeJob] = deque()
+        self._encodes: deque[EncodeJob] = deque()
         self._calls: deque[_CallJob] = deque()
         self.routed = RoutedChats(self, max_routed)  # chats routed over a library
         self._rows: list[Row] = []
@@ -105,26 +103,35 @@ class ModelWorker:
 
     def chat(
         self,
-        prompt: list[int],
+        prompt: list[int] | Layout,
         state: AdapterState | None,
         params: SamplingParams,
         adjust: LogitAdjust | None = None,
         routes: dict | None = None,
     ) -> ChatJob:
-        """Queue a chat; its tokens, then one Finished, arrive on the job's queue. With `routes`
+        """Queue a chat; its tokens, then one Finished, arrive on the job's queue. `prompt` is
+        token ids, or a Layout that reads a session's memory (Session.chat_layout). With `routes`
         (Library.routes: layer name -> Routes) and no state, the chat is routed over a library
         (routed.py) instead of running under one state."""
         if not prompt:
             raise ValueError("empty prompt")
         if routes is not None and state is not None:
             raise ValueError("a chat runs under one state or is routed, not both")
-        job = ChatJob(list(prompt), state, params, adjust, routes)
+        if isinstance(prompt, Layout) and prompt.read is None:
+            prompt = prompt.header + prompt.rest  # nothing read: the plain prompt
+        if isinstance(prompt, Layout) and routes is not None:
+            raise ValueError("a routed chat reads no session memory")
+        job = ChatJob(
+            prompt if isinstance(prompt, Layout) else list(prompt), state, params, adjust, routes
+        )
         self._inbox.put(job)
         return job
 
-    def encode(self, chunks: list[list[int]]) -> Future:
-        """Future of the state of one document, given as token chunks."""
-        job = _EncodeJob(deque(chunks), Future(), self.model.new_state())
+    def encode(self, chunks: list[list[int]], memory: ContextMemory | None = None) -> Future:
+        """Future of the state of one document, given as token chunks; with `memory` (empty,
+        model.new_memory()), the document's keys and values fill it, as one document, by the
+        time the future is done."""
+        job = EncodeJob(deque(chunks), Future(), self.model.new_state(), memory)
         self._inbox.put(job)
         return job.future
 
@@ -151,7 +158,7 @@ class ModelWorker:
             self._guarded(self._admit, list(self._waiting)[: self._free_rows()])
             self._guarded(self._decode_step, [])
             self.routed.turn()
-            self._encode_turn()
+            encode_turn(self.model, self._encodes, self.encode_chunks_per_turn)
             self._call_turn()
         self.routed.stop()
         for row in self._rows:
@@ -159,7 +166,7 @@ class ModelWorker:
         for job in [*self._waiting, *self._drain_inbox()]:
             if isinstance(job, ChatJob):
                 job.tokens.put(Finished("cancelled"))
-            elif isinstance(job, (_EncodeJob, _CallJob)):
+            elif isinstance(job, (EncodeJob, _CallJob)):
                 _shut(job.future)
         for enc in [*self._encodes, *self._calls]:  # running: they can no longer be cancelled
             enc.future.set_exception(ServerShuttingDown("the server is shutting down"))
@@ -175,7 +182,7 @@ class ModelWorker:
                 self.routed.waiting.append(item)
             elif isinstance(item, ChatJob):
                 self._waiting.append(item)
-            elif isinstance(item, _EncodeJob) and item.future.set_running_or_notify_cancel():
+            elif isinstance(item, EncodeJob) and item.future.set_running_or_notify_cancel():
                 self._encodes.append(item)
             elif isinstance(item, _CallJob) and item.future.set_running_or_notify_cancel():
                 self._calls.append(item)
@@ -289,25 +296,15 @@ class ModelWorker:
         self._rows = self._rows + rows
 
     def _prefill_forward(self, jobs: list[ChatJob]):
-        dev = self.model.device
-        width = max(len(j.prompt) for j in jobs)
-        ids = torch.full((len(jobs), width), self.model.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, j in enumerate(jobs):
-            ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt)
-            mask[i, width - len(j.prompt) :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        """(KV cache, mask, last logits) of the jobs' prompts, left-padded, each row reading its
+        own memory; a row's positions count its memory, so Row.length (len(prompt)) does too."""
+        layouts = [
+            j.prompt if isinstance(j.prompt, Layout) else Layout([], None, j.prompt) for j in jobs
+        ]
         cache = DynamicCache()
         with self.model.bind_states([j.state for j in jobs]):
-            out = self.model.base(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                **cache_kwargs(self.model.base, cache),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return cache, mask, out.logits[:, -1]
+            mask, logits = prefill(self.model, layouts, cache, logits_to_keep=1)
+        return cache, mask, logits[:, -1]
 
     def _decode_step(self) -> None:
         self._drop_rows([i for i, r in enumerate(self._rows) if r.job.cancelled], "cancelled")
@@ -382,24 +379,6 @@ class ModelWorker:
             return
         self._rows = [self._rows[i] for i in keep]
         self._mask = kvcache.select(self._cache, self._mask, keep)
-
-    def _encode_turn(self) -> None:
-        if not self._encodes:
-            return
-        job = self._encodes.popleft()
-        try:
-            n = min(self.encode_chunks_per_turn, len(job.chunks))
-            part = [job.chunks.popleft() for _ in range(n)]
-            job.state.add_(self.model.encode_chunks(part))
-        except Exception as e:
-            log.exception("encoding a document failed")
-            job.future.set_exception(e)
-            return
-        if job.chunks:
-            self._encodes.append(job)  # round robin between documents
-            return
-        job.state.documents = 1
-        job.future.set_result(job.state)
 
     def _call_turn(self) -> None:
         if self._calls:

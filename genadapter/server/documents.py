@@ -1,0 +1,54 @@
+"""A document as the server receives it: the upload's bytes (plain text, JSON or multipart),
+then its token chunks, within the server's limits."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from .errors import ApiError
+from .validation import DocumentBody
+
+
+async def read_document(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
+    """A document upload's bytes and name: a text/plain (or markdown, octet-stream) body, JSON
+    {"text", "name"}, or a multipart `file`; the name may also be `?name=`. ApiError 415 for
+    another content type, 422 for a multipart upload without `file`."""
+    kind = request.headers.get("content-type", "text/plain").split(";")[0].strip().lower()
+    name = request.query_params.get("name")
+    if kind == "application/json":
+        try:
+            body = DocumentBody.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from e
+        return body.text.encode("utf-8"), body.name or name
+    if kind == "multipart/form-data":
+        form = await request.form(max_part_size=max_bytes + 1)
+        upload = form.get("file")
+        if isinstance(upload, UploadFile):
+            return await upload.read(), upload.filename or name
+        if isinstance(upload, str):
+            return upload.encode("utf-8"), name
+        raise ApiError(422, "a multipart upload needs a 'file' field", "missing_file", "file")
+    if kind in ("text/plain", "text/markdown", "application/octet-stream"):
+        return await request.body(), name
+    raise ApiError(
+        415,
+        f'unsupported content type {kind!r}: send text/plain, JSON {{"text": ...}}, '
+        "or a multipart file upload",
+        "unsupported_media_type",
+    )
+
+
+def tokenize_document(model, data: bytes, limit: int) -> list[list[int]]:
+    """The token chunks of a document, as absorbing reads them (model.chunks); ApiError 413
+    past `limit` tokens, DocumentError for text that is not UTF-8 or is empty."""
+    chunks, tokens = [], 0
+    for chunk in model.chunks(data):
+        tokens += len(chunk)
+        if tokens > limit:
+            raise ApiError(413, f"document is over {limit} tokens, the limit", "document_too_large")
+        chunks.append(chunk)
+    return chunks
