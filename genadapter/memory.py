@@ -257,7 +257,7 @@ class ContextMemory:
             quantized = "memory.key_scale" in tensors
             if keys.shape != values.shape or keys.dim() != 4:
                 raise MemoryFormatError("keys and values differ in shape")
-            L, H, _, D = shape
+            L, H, D = shape
             if (keys.shape[0], keys.shape[1], keys.shape[3]) != (L, H, D):
                 raise MemoryFormatError(f"memory of shape {tuple(keys.shape)} does not fit")
             if sum(lengths) != keys.shape[2] or len(docs) != len(lengths) != len(counts):
