@@ -26,8 +26,9 @@ import torch
 
 STORAGES = ("int8", "float")
 # Default reading policy, chosen on the dev split (docs/MEMORY.md, "Selection").
-DEFAULT_BUDGET = 4096  # memory tokens one turn reads at most
-DEFAULT_THRESHOLD = 0.06  # lexical cosine below which a document is not read
+DEFAULT_BUDGET = 1024  # memory tokens one turn reads at most
+DEFAULT_BLOCK = 128  # tokens per selectable block of a chunk
+DEFAULT_THRESHOLD = 0.008  # lexical cosine below which a document is not read
 DEFAULT_KEEP = 0.75  # documents scoring under KEEP x the best one's score are not read
 
 
@@ -65,10 +66,12 @@ def split_template(tokenizer, messages: list[dict], add_generation: bool = True)
 
 @dataclass
 class MemoryChunk:
-    """One absorbed chunk. keys/values: (L, H, T, D), int8 or the base's float dtype, keys rotated
-    at positions prefix_len..prefix_len+T-1. key_scale: (L, H, 1, D) float16, value_scale:
+    """A block of up to `block` tokens of one absorbed chunk (the unit a turn selects, as
+    InfLLM's blocks, arXiv 2402.04617). keys/values: (L, H, T, D), int8 or the base's float
+    dtype, keys rotated at the positions they were encoded at, prefix_len + offset + i (offset:
+    where the block starts in its chunk). key_scale: (L, H, 1, D) float16, value_scale:
     (L, H, T, 1) float16 (int8 only). lexical_ids (u,) int32 and lexical_weights (u,) float32:
-    the chunk's lexical bag. document: which absorbed document (0-based) the chunk belongs to."""
+    the block's lexical bag. document: which absorbed document (0-based) it belongs to."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -77,6 +80,7 @@ class MemoryChunk:
     lexical_ids: torch.Tensor
     lexical_weights: torch.Tensor
     document: int = 0
+    offset: int = 0
 
     @property
     def tokens(self) -> int:
@@ -161,14 +165,23 @@ class ContextMemory:
 
     # -- selection --------------------------------------------------------------------------
 
-    def relevance(self, query: torch.Tensor) -> torch.Tensor:
-        """(chunks,) cosine of each chunk's lexical bag with `query` ((vocab,) of norm 1)."""
+    def relevance(self, query: torch.Tensor, idf: bool = False) -> torch.Tensor:
+        """(chunks,) cosine of each block's lexical bag with `query` ((vocab,) of norm 1). With
+        `idf`, each token's product is also weighted by its BM25 inverse document frequency over
+        this memory's blocks, log((N - df + 0.5) / (df + 0.5) + 1): words every block shares (a
+        document's own name) stop deciding which of its blocks answer."""
+        if not self.chunks:
+            return torch.zeros(0)
         q = query.float().cpu()
-        out = []
-        for c in self.chunks:
-            w = c.lexical_weights
-            out.append((q[c.lexical_ids.long()] * w).sum() / w.norm().clamp_min(1e-12))
-        return torch.stack(out) if out else torch.zeros(0)
+        ids = [c.lexical_ids.long() for c in self.chunks]
+        weight = [c.lexical_weights * q[i] for c, i in zip(self.chunks, ids, strict=True)]
+        if idf:
+            n = len(self.chunks)
+            df = torch.zeros(len(q)).index_add_(0, torch.cat(ids), torch.ones(sum(map(len, ids))))
+            idf_of = ((n - df + 0.5) / (df + 0.5) + 1).log()
+            weight = [w * idf_of[i] for w, i in zip(weight, ids, strict=True)]
+        norms = [c.lexical_weights.norm().clamp_min(1e-12) for c in self.chunks]
+        return torch.stack([w.sum() / n for w, n in zip(weight, norms, strict=True)])
 
     def select(
         self,
@@ -182,7 +195,8 @@ class ContextMemory:
         Without a query: the latest chunks within `budget` tokens. With one ((vocab,) lexical
         embedding of the turn): a document's relevance is its best chunk's cosine; documents
         under `threshold`, or under `keep` x the best document's relevance, are not read; of
-        the rest, every chunk when they fit the budget, else the most relevant chunks that do."""
+        the rest, every block when they fit the budget, else the blocks ranked first by their
+        IDF-weighted relevance that do."""
         if not self.chunks:
             return []
         if query is None:
@@ -204,6 +218,7 @@ class ContextMemory:
         candidates = [i for i in range(len(self.chunks)) if wanted[self.chunks[i].document]]
         if sum(self.chunks[i].tokens for i in candidates) <= budget:
             return candidates
+        score = self.relevance(query, idf=True)
         picked, used = [], 0
         for i in sorted(candidates, key=lambda i: -float(score[i])):
             if used + self.chunks[i].tokens <= budget:
@@ -224,6 +239,7 @@ class ContextMemory:
             "memory.values": torch.cat([c.values for c in cs], 2).cpu().contiguous(),
             "memory.chunk_tokens": torch.tensor([c.tokens for c in cs], dtype=torch.int64),
             "memory.chunk_documents": torch.tensor([c.document for c in cs], dtype=torch.int64),
+            "memory.chunk_offsets": torch.tensor([c.offset for c in cs], dtype=torch.int64),
             "memory.lexical_counts": torch.tensor([len(c.lexical_ids) for c in cs]),
             "memory.lexical_ids": torch.cat([c.lexical_ids for c in cs]).contiguous(),
             "memory.lexical_weights": torch.cat([c.lexical_weights for c in cs]).contiguous(),
@@ -251,6 +267,7 @@ class ContextMemory:
             keys, values = tensors["memory.keys"], tensors["memory.values"]
             lengths = tensors["memory.chunk_tokens"].tolist()
             docs = tensors["memory.chunk_documents"].tolist()
+            offsets = tensors["memory.chunk_offsets"].tolist()
             counts = tensors["memory.lexical_counts"].tolist()
             lex_ids = tensors["memory.lexical_ids"].split(counts)
             lex_w = tensors["memory.lexical_weights"].split(counts)
@@ -260,7 +277,7 @@ class ContextMemory:
             L, H, D = shape
             if (keys.shape[0], keys.shape[1], keys.shape[3]) != (L, H, D):
                 raise MemoryFormatError(f"memory of shape {tuple(keys.shape)} does not fit")
-            if sum(lengths) != keys.shape[2] or len(docs) != len(lengths) != len(counts):
+            if sum(lengths) != keys.shape[2] or not len(docs) == len(lengths) == len(counts):
                 raise MemoryFormatError("chunk lengths do not add up")
             if quantized != (keys.dtype == torch.int8) or (storage == "int8") != quantized:
                 raise MemoryFormatError(f"memory dtype {keys.dtype} is not {storage} storage")
@@ -268,11 +285,18 @@ class ContextMemory:
             ks = tensors["memory.key_scale"].split(1, 2) if quantized else [None] * len(lengths)
             vs = tensors["memory.value_scale"].split(lengths, 2) if quantized else ks
             for i in range(len(lengths)):
-                if not 0 <= docs[i] < max(documents, 1):
+                if not 0 <= docs[i] < max(documents, 1) or offsets[i] < 0:
                     raise MemoryFormatError("a chunk names a document the memory lacks")
                 memory.chunks.append(
                     MemoryChunk(
-                        k_chunks[i], v_chunks[i], ks[i], vs[i], lex_ids[i], lex_w[i], docs[i]
+                        k_chunks[i],
+                        v_chunks[i],
+                        ks[i],
+                        vs[i],
+                        lex_ids[i],
+                        lex_w[i],
+                        docs[i],
+                        offsets[i],
                     )
                 )
         except (KeyError, RuntimeError, TypeError, IndexError) as e:

@@ -71,7 +71,7 @@ def assemble(model, memory: ContextMemory, chunks: list[int], header_len: int) -
         c = memory.chunks[i]
         k, v = c.dequantized(torch.float32)
         k, v = k.to(device), v.to(device)
-        shift = start - memory.prefix_len
+        shift = start - (memory.prefix_len + c.offset)
         keys.append((rotate(model, k, shift) if shift else k).to(dtype))
         values.append(v.to(dtype))
         start += c.tokens

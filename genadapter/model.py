@@ -22,6 +22,7 @@ from .generator import Generator, GeneratorConfig
 from .head import HEAD_NAME, head_pairs
 from .layers import Binding, bound, inject
 from .memory import (
+    DEFAULT_BLOCK,
     DEFAULT_BUDGET,
     DEFAULT_KEEP,
     DEFAULT_THRESHOLD,
@@ -78,6 +79,7 @@ class AdaptedModel:
         self.memory_storage = memory
         self.memory_prefix = encoding_prefix(self.tokenizer) if memory else []
         self.memory_budget = DEFAULT_BUDGET
+        self.memory_block = DEFAULT_BLOCK
         self.memory_threshold = DEFAULT_THRESHOLD
         self.memory_keep = DEFAULT_KEEP
 
@@ -235,10 +237,11 @@ class AdaptedModel:
             s = logits.logsumexp(-1) - logits.gather(-1, target[-len(logits) :, None])[:, 0]
             if p == 0:
                 s = torch.cat([s.mean()[None] if n > 1 else torch.ones(1, device=s.device), s])
-            lex_ids, lex_w = lexical_bag(target, s)
-            memory.chunks.append(
-                MemoryChunk(*quantize_chunk(k, v, memory.storage), lex_ids, lex_w, 0)
-            )
+            for at in range(0, n, self.memory_block):
+                block = slice(at, at + self.memory_block)
+                lex_ids, lex_w = lexical_bag(target[block], s[block])
+                kv = quantize_chunk(k[:, :, block], v[:, :, block], memory.storage)
+                memory.chunks.append(MemoryChunk(*kv, lex_ids, lex_w, 0, at))
 
     # -- adapted forward ------------------------------------------------------------------------
 

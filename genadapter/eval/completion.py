@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .. import corpora
+from ..generation import prefill
+from ..session import Session
 from . import metrics
 from .limits import Limits
 
@@ -87,7 +90,15 @@ def nll_sum(logits: torch.Tensor, ids: list[int], first: int) -> float:
 
 
 @torch.no_grad()
-def _nll_sum(model, ids: list[int], first: int, state) -> float:
+def _nll_sum(model, ids: list[int], first: int, state, memory=None) -> float:
+    """Summed NLL of ids[first:] under `state`, reading `memory` (the latest of it within the
+    budget: the text scored is no query) laid out before `ids` as Session.text_layout does."""
+    if memory is not None:
+        layout = Session(model, state, memory=memory).text_layout(ids, None)
+        if layout.read is not None:
+            with model.bind_states([state]):
+                _, logits = prefill(model, [layout], DynamicCache(), logits_to_keep=0)
+            return nll_sum(logits[0].float(), ids, first)
     return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
 
 
@@ -102,7 +113,7 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
         seed,
         split,
     )
-    sums = {m: 0.0 for m in ("base", "prompt", "adapter")}
+    sums = {m: 0.0 for m in ("base", "prompt", "adapter", "memory", "memory+adapter")}
     seconds = dict(sums)
     absorb_seconds, scored, records = 0.0, 0, []
     for doc in tqdm(docs, desc="completion", unit="doc", disable=not progress):
@@ -114,13 +125,18 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
         session.absorb(model.tokenizer.decode(doc.context_ids))
         absorb_seconds += time.perf_counter() - start
         record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
-        for method, ids, first, state in (
-            ("base", target, 1, None),
-            ("prompt", context + target, len(context) + 1, None),
-            ("adapter", target, 1, session.state),
+        memory = session.memory
+        for method, ids, first, state, read in (
+            ("base", target, 1, None, None),
+            ("prompt", context + target, len(context) + 1, None, None),
+            ("adapter", target, 1, session.state, None),
+            ("memory", target, 1, None, memory),
+            ("memory+adapter", target, 1, session.state, memory),
         ):
+            if method.startswith("memory") and memory is None:
+                continue
             start = time.perf_counter()
-            nll = _nll_sum(model, ids, first, state)
+            nll = _nll_sum(model, ids, first, state, read)
             seconds[method] += time.perf_counter() - start
             sums[method] += nll
             record[method] = {"perplexity": metrics.perplexity([nll], [n])}
@@ -129,6 +145,7 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
     methods = {
         m: {"perplexity": metrics.perplexity([sums[m]], [scored]), "seconds": seconds[m]}
         for m in sums
+        if not (m.startswith("memory") and model.memory_storage is None)
     }
     methods["adapter"]["absorb_seconds"] = absorb_seconds
     return [

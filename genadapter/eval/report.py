@@ -7,8 +7,15 @@ from pathlib import Path
 
 from ..state import atomic_write
 
-METHOD_ORDER = ("base", "prompt", "adapter", "sft")
-COLOURS = {"base": "#9e9e9e", "prompt": "#1f77b4", "adapter": "#d62728", "sft": "#2ca02c"}
+METHOD_ORDER = ("base", "prompt", "adapter", "memory", "memory+adapter", "sft")
+COLOURS = {
+    "base": "#9e9e9e",
+    "prompt": "#1f77b4",
+    "adapter": "#d62728",
+    "memory": "#9467bd",
+    "memory+adapter": "#ff7f0e",
+    "sft": "#2ca02c",
+}
 
 
 def _cell(value) -> str:

@@ -4,7 +4,11 @@ template and greedy decoding, under each method:
 * base     no context;
 * prompt   the context in the prompt, before the question (cut to the window, keeping the most
            recent text);
-* adapter  the context absorbed into a session (one `absorb` per document), then the question;
+* adapter  the context absorbed into a session (one `absorb` per document), then the question,
+           with the session's adapter state alone;
+* memory   the same session's context memory alone (memory.py: the base's own keys and values,
+           read as a prompt lays a document out, the turn's relevant documents only);
+* memory+adapter  both parts of the session, as `Session.chat` uses them;
 * sft      (document QA only) a LoRA fine-tuned on the context for a few steps, then the question.
 
 `run_suites` is the Python entry (also used by training for periodic evaluation); `genadapter eval`
@@ -14,15 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from ..model import AdaptedModel
 from ..session import Session
-from . import metrics
+from . import answering, metrics
+from .answering import Scorer, Tally, rank_choices, respond, score  # noqa: F401
 from .closedbook import closedbook_examples
 from .completion import suite_completion
 from .data import Example
@@ -30,13 +33,13 @@ from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
 from .library_suite import suite_library
 from .limits import LIMITS, Limits, resolve_limits  # noqa: F401 (re-exported)
+from .memory_suites import suite_beyond, suite_manydocs
 from .persona import persona_examples
 from .prompts import (
     QA_INSTRUCTION,
     chat_ids,  # noqa: F401 (re-exported)
     chat_message,
     fit_context,
-    prompt_ids,
 )
 from .prompts import split_seed as _seed
 from .sft import SFTBaseline
@@ -44,89 +47,22 @@ from .vocab import vocab_rows
 
 log = logging.getLogger(__name__)
 
-SUITES = ("completion", "qa", "longqa", "icl", "persona", "closedbook", "vocab", "library")
-METHODS = ("base", "prompt", "adapter", "sft")
+SUITES = (
+    "completion",
+    "qa",
+    "longqa",
+    "icl",
+    "persona",
+    "closedbook",
+    "vocab",
+    "library",
+    "manydocs",
+    "beyond",
+)
+METHODS = ("base", "prompt", "adapter", "memory", "memory+adapter", "sft")
 
 
-# -- answering -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Scorer:
-    """How a suite scores an answer: named metrics, the first one being the headline."""
-
-    metrics: dict[str, Callable[[str, str], float]]
-    instruction: str
-    max_new_tokens: int
-    chat: bool = True  # False: a raw language-model prompt, no chat template (demonstrations)
-
-
-def _score(scorer: Scorer, prediction: str, answers: Sequence[str]) -> dict[str, float]:
-    return {k: metrics.best_of(f, prediction, answers) for k, f in scorer.metrics.items()}
-
-
-class _Tally:
-    """Per method: summed scores, seconds and counts; per question: the record."""
-
-    def __init__(self, methods: Sequence[str]):
-        self.methods = {m: {"scores": {}, "seconds": 0.0, "n": 0} for m in methods}
-        self.records: list[dict] = []
-
-    def add(self, method: str, scores: dict[str, float], seconds: float) -> None:
-        m = self.methods[method]
-        for k, v in scores.items():
-            m["scores"][k] = m["scores"].get(k, 0.0) + v
-        m["seconds"] += seconds
-        m["n"] += 1
-
-    def summary(self, extra: dict[str, dict] | None = None) -> dict[str, dict]:
-        out = {}
-        for name, m in self.methods.items():
-            if m["n"]:
-                out[name] = {k: v / m["n"] for k, v in m["scores"].items()}
-                out[name]["seconds"] = m["seconds"]
-                out[name].update((extra or {}).get(name, {}))
-        return out
-
-
-@torch.no_grad()
-def rank_choices(
-    model: AdaptedModel, state, message: str, choices: Sequence[str], chat: bool = True
-) -> str:
-    """The choice the model finds likeliest (lowest mean NLL per token) as the continuation of
-    `message` (the assistant's reply under the chat template, else the raw text's next words),
-    all choices scored in one batch."""
-    prompt = prompt_ids(model.tokenizer, message, chat)
-    options = [
-        model.tokenizer.encode(c if chat else " " + c, add_special_tokens=False) for c in choices
-    ]
-    width = len(prompt) + max(map(len, options))
-    ids = torch.full((len(options), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, option in enumerate(options):  # right padding: no real token attends to it
-        ids[i, : len(prompt) + len(option)] = torch.tensor(prompt + option)
-        mask[i, : len(prompt) + len(option)] = 1
-    logits = model.logits(ids, [state] * len(options), attention_mask=mask)
-    nll = [
-        torch.nn.functional.cross_entropy(
-            logits[i, len(prompt) - 1 : len(prompt) + len(o) - 1],
-            torch.tensor(o, device=logits.device),
-        ).item()
-        for i, o in enumerate(options)
-    ]
-    return choices[min(range(len(nll)), key=nll.__getitem__)]
-
-
-def _respond(model: AdaptedModel, state, message: str, question, scorer: Scorer):
-    """Answer one question: rank its choices when it has some, else greedy decoding."""
-    start = time.perf_counter()
-    if question.choices:
-        text = rank_choices(model, state, message, question.choices, scorer.chat)
-    else:
-        session = model.session() if state is None else Session(model, state)
-        ask = session.chat if scorer.chat else session.generate
-        text = ask(message, max_new_tokens=scorer.max_new_tokens)
-    return text, time.perf_counter() - start
+# -- answering (eval/answering.py: scorers, tallies, rows) ---------------------------------------
 
 
 def run_questions(
@@ -137,9 +73,11 @@ def run_questions(
     sft: SFTBaseline | None = None,
     progress: bool = True,
 ) -> dict:
-    """Answer every question of every example under each method and score the answers."""
-    methods = ["base", "prompt", "adapter"] + (["sft"] if sft else [])
-    tally = _Tally(methods)
+    """Answer every question of every example under each method and score the answers. The
+    session that absorbed an example's documents gives three methods: its adapter state alone
+    (adapter), its context memory alone (memory), and both (memory+adapter)."""
+    methods = list(METHODS[:-1]) + (["sft"] if sft else [])
+    tally = Tally(methods)
     absorb_seconds, sft_seconds = 0.0, 0.0
     budget = model.max_positions - scorer.max_new_tokens
     total = sum(len(e.questions) for e in examples) * len(methods)
@@ -152,7 +90,7 @@ def run_questions(
             absorb_seconds += time.perf_counter() - start
             if sft is not None:
                 sft_seconds += sft.fit(example.context)
-            context_tokens = absorbed.state.tokens
+            sessions = absorbed_methods(model, absorbed)
             for q in example.questions:
                 record = {"example": example.id, "question": q.text, "answers": q.answers, **q.info}
                 plain = chat_message(q.text, None, scorer.instruction)
@@ -164,17 +102,17 @@ def run_questions(
                     budget,
                     scorer.chat,
                 )
-                record["context_tokens"], record["prompt_context_tokens"] = context_tokens, kept
+                record["context_tokens"], record["prompt_context_tokens"] = absorbed.tokens, kept
                 runs = {
                     "base": (model, None, plain),
                     "prompt": (model, None, chat_message(q.text, context, scorer.instruction)),
-                    "adapter": (model, absorbed.state, plain),
+                    **{m: (model, s, plain) for m, s in sessions.items()},
                 }
                 if sft is not None:
                     runs["sft"] = (sft.model, None, plain)
-                for method, (m, state, message) in runs.items():
-                    text, seconds = _respond(m, state, message, q, scorer)
-                    scores = _score(scorer, text, q.answers)
+                for method, (m, session, message) in runs.items():
+                    text, seconds = respond(m, session, message, q, scorer)
+                    scores = score(scorer, text, q.answers)
                     tally.add(method, scores, seconds)
                     record[method] = {"answer": text, **scores}
                     bar.update()
@@ -182,21 +120,18 @@ def run_questions(
     extra = {"adapter": {"absorb_seconds": absorb_seconds}}
     if sft is not None:
         extra["sft"] = {"train_seconds": sft_seconds, "steps": sft.steps}
-    return _row(name, scorer, tally.summary(extra), tally.records)
+    return answering.row(name, scorer, tally.summary(extra), tally.records)
 
 
-def _row(name: str, scorer: Scorer, methods: dict, records: list[dict]) -> dict:
-    headline = next(iter(scorer.metrics))
-    return {
-        "name": name,
-        "metric": headline,
-        "metrics": list(scorer.metrics),
-        "higher_is_better": True,
-        "n": len(records),
-        "methods": methods,
-        "recovered": metrics.recovered(methods, scorer.metrics),
-        "records": records,
-    }
+def absorbed_methods(model: AdaptedModel, absorbed: Session) -> dict[str, Session]:
+    """The methods a session that absorbed the context gives: adapter (its state, no memory),
+    memory (its memory, an empty state) and memory+adapter (both); memory methods only when
+    the model keeps a memory."""
+    out = {"adapter": Session(model, absorbed.state, memory=None)}
+    if absorbed.memory is not None:
+        out["memory"] = Session(model, memory=absorbed.memory)
+        out["memory+adapter"] = Session(model, absorbed.state, memory=absorbed.memory)
+    return out
 
 
 # -- suites --------------------------------------------------------------------------------------
@@ -270,6 +205,8 @@ SUITE_FUNCTIONS = {
     "closedbook": suite_closedbook,
     "vocab": suite_vocab,
     "library": suite_library,  # eval/library_suite.py: routed, summed and oracle states
+    "manydocs": suite_manydocs,  # eval/memory_suites.py: eight documents in one memory
+    "beyond": suite_beyond,  # eval/memory_suites.py: 3x the window, questions on its start
 }
 
 
