@@ -7,7 +7,9 @@ Writes generated English prose (documents about invented entities, as `genadapte
 four files in a temporary folder, then measures tokens/s of: Session.absorb in this process (torch
 with its default threads, and with 1 thread), and RayAbsorber with 1 and 2 actors of 1 CPU each.
 Times start when the model is loaded (actor start-up is reported separately); best of --repeats.
-Checks that every distributed state equals the single-process one (relative error <= 1e-5)."""
+Checks that every distributed state equals the single-process one (relative error <= 1e-5) and
+that its context memory holds the same chunks of the same documents (reporting how many int8 keys
+and values differ: 0 expected)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def write_corpus(folder: Path, tokenizer, tokens: int, files: int = 4) -> list[s
     return paths
 
 
-def single_process(paths: list[str], threads: int) -> tuple[float, object]:
+def single_process(paths: list[str], threads: int) -> tuple[float, object, object]:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -51,13 +53,25 @@ def single_process(paths: list[str], threads: int) -> tuple[float, object]:
         start = time.perf_counter()
         for p in paths:
             session.absorb(read_document(p))
-        return time.perf_counter() - start, session.state
+        return time.perf_counter() - start, session.state, session.memory
     finally:
         torch.set_num_threads(old)
 
 
 def max_rel_error(got, want) -> float:
     return max(((got.sums[n] - s).norm() / s.norm()).item() for n, s in want.sums.items())
+
+
+def memory_mismatches(got, want) -> int:
+    """int8 keys and values that differ between two memories of the same chunks and documents
+    (0: equal bit for bit; the actors encode the same batches as Session.absorb)."""
+    assert [(c.document, c.tokens) for c in got.chunks] == [
+        (c.document, c.tokens) for c in want.chunks
+    ]
+    return sum(
+        int((a.keys != b.keys).sum() + (a.values != b.values).sum())
+        for a, b in zip(got.chunks, want.chunks)
+    )
 
 
 def main() -> None:
@@ -71,10 +85,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_corpus(Path(tmp), model.tokenizer, args.tokens)
         del model
-        want = None
+        want = want_memory = None
         for threads in (torch.get_num_threads(), 1):
             runs = [single_process(paths, threads) for _ in range(args.repeats)]
-            want = want or runs[0][1]
+            want, want_memory = (want, want_memory) if want else runs[0][1:]
             best = min(r[0] for r in runs)
             rows[f"single process, {threads} threads"] = {"seconds": best}
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -91,10 +105,12 @@ def main() -> None:
                         runs.append(time.perf_counter() - t0)
                         err = max_rel_error(result.state, want)
                         assert err <= 1e-5, err
+                        mismatches = memory_mismatches(result.memory, want_memory)
                 rows[f"Ray, {workers} worker(s) x 1 CPU"] = {
                     "seconds": min(runs),
                     "startup_seconds": startup,
                     "max_rel_error": err,
+                    "memory_mismatches": mismatches,
                 }
         finally:
             ray.shutdown()

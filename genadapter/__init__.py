@@ -25,6 +25,7 @@ _EXPORTS = {
     "Session": "session",
     "load": "model",
     "merge": "merging",
+    "merge_sessions": "merging",
     "normalize_svd": "state",
 }
 
@@ -42,13 +43,14 @@ __all__ = [
     "Session",
     "load",
     "merge",
+    "merge_sessions",
     "normalize_svd",
 ]
 
 if TYPE_CHECKING:  # what the lazy imports below resolve to, for type checkers and readers
     from .export import LoraAdapter
     from .generator import Generator, GeneratorConfig, GeneratorFormatError
-    from .merging import merge
+    from .merging import merge, merge_sessions
     from .model import AbsorbStats, AdaptedModel, load
     from .session import Session
     from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd

@@ -17,7 +17,7 @@ COMMANDS = """chat commands (typed at the prompt):
   /reset         forget absorbed documents and the conversation
   /save DIR      save the session (state and conversation) to DIR/state.safetensors
   /load DIR      load a saved session
-  /stats         tokens absorbed, state size, KV cache the same context would need
+  /stats         tokens absorbed, state and memory sizes, KV cache the same context would need
   /help          this list
   /quit          leave (also Ctrl-D)
 Ctrl+C stops an answer (the turn is not kept) or an /absorb, and returns to the prompt."""
@@ -46,12 +46,17 @@ def absorb_file(session, path: str) -> None:
 
 
 def describe(session) -> str:
-    """One line: what the session holds and what the same context would cost in a KV cache."""
+    """One line: what the session holds (the adapter state and the context memory, apart) and
+    what the same context would cost in a KV cache."""
     s = session.state
     kv = session.model.kv_cache_bytes(s.tokens)
+    if session.memory is None:
+        memory = "no memory"
+    else:
+        memory = f"memory {session.memory_tokens} tokens {session.memory_bytes / 1024:.0f} KiB"
     return (
         f"documents {s.documents}, tokens {s.tokens}, chunks {s.chunks}, "
-        f"turns {len(session.messages) // 2}; state {session.nbytes / 1024:.0f} KiB "
+        f"turns {len(session.messages) // 2}; state {s.nbytes / 1024:.0f} KiB, {memory} "
         f"(a KV cache for the same context: {kv / 1024:.0f} KiB)"
     )
 

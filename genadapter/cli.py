@@ -95,7 +95,7 @@ def absorb_on_ray(args: argparse.Namespace) -> int:
     with RayAbsorber(kwargs, args.workers, address, cpus, gpus) as pool:
         workers = len(pool.actors)
         result = pool.absorb_files(args.files)
-        session = Session(pool.model, result.state)
+        session = Session(pool.model, result.state, memory=result.memory)
     path = session.save(args.out)
     print(
         f"saved {session.state.tokens} tokens ({session.state.chunks} chunks, {workers} Ray "
@@ -133,6 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_session, memory_note
     from .session import _state_path
 
     if not args.peft and not args.merged:
@@ -142,9 +143,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     session = model.load_session(args.session)
     for out, merged in ((args.peft, False), (args.merged, True)):
         if out:
-            path = session.to_peft(out, merged=merged)
+            path = export_session(session, out, merged=merged, warn=False)
             what = "model folder with the delta merged" if merged else "PEFT LoRA adapter"
             print(f"wrote a {what} for {session.tokens} absorbed tokens to {path}")
+    if note := memory_note(session.memory):
+        print(f"note: {note}")
     return 0
 
 
@@ -152,9 +155,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .export import CONFIG_FILE
-    from .merging import merge
+    from .merging import merge, merge_session_files
     from .session import _state_path
-    from .state import AdapterState, IncompatibleStateError
 
     loras = [(Path(p) / CONFIG_FILE).is_file() for p in args.inputs]
     if any(loras) and not all(loras):
@@ -168,14 +170,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     for p in args.inputs:
         existing_file(str(_state_path(p)))
-    loaded = [AdapterState.load(_state_path(p)) for p in args.inputs]
-    keys = ("base_fingerprint", "generator_fingerprint")
-    if len({tuple(meta.get(k) for k in keys) for _, meta in loaded}) > 1:
-        raise IncompatibleStateError("the sessions were made with different bases or generators")
-    merged = merge([state for state, _ in loaded], **options)
-    meta = {k: v for k, v in loaded[0][1].items() if k not in ("messages", "created")}
-    path = _state_path(args.out)
-    merged.save(path, dict(meta, messages=[], merge=args.method))
+    path = merge_session_files(args.inputs, args.out, **options)
     print(f"wrote the {args.method} merge of {len(args.inputs)} sessions to {path}")
     return 0
 
@@ -370,9 +365,9 @@ def _add_merge(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="merge saved sessions, or PEFT LoRA folders, into one",
-        description="Merge saved sessions (their states) into a session, or PEFT LoRA folders "
-        "(e.g. from `genadapter export --peft`) into a LoRA folder. `sum` of sessions is exactly "
-        "one session that absorbed all their documents.",
+        description="Merge saved sessions into a session (their states by --method, their "
+        "memories joined), or PEFT LoRA folders (e.g. from `genadapter export --peft`) into a "
+        "LoRA folder. `sum` of sessions is exactly one session that absorbed all their documents.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="session or PEFT LoRA folders")
     p.add_argument("--method", choices=MERGE_METHODS, default="sum", help="(default: sum)")

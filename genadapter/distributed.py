@@ -1,9 +1,12 @@
 """Absorb a corpus on a Ray cluster: the state is a sum over chunks, so chunks are encoded by Ray
 actors (each holding the model once) and their partial states added on the driver.
 
-    driver: files -> tokens -> numbered chunks -> tasks of `task_chunks` consecutive chunks
-    actor:  task -> AdaptedModel.encode_chunks -> partial K^T V sums (the same code as absorb)
-    driver: partial states added as they arrive (any order: the sum is order-free)
+    driver: files -> tokens -> numbered chunks -> tasks of whole chunk batches (as absorb
+            batches each document), at least `task_chunks` consecutive chunks
+    actor:  task -> AdaptedModel.encode_chunks -> partial K^T V sums and the chunks' context
+            memory (keys and values, memory.py; the same code as absorb)
+    driver: partial states added as they arrive (any order: the sum is order-free); memory
+            parts put back in chunk order, each chunk given the document it was cut from
 
 Scheduling and fault tolerance are Ray's: `ray.util.ActorPool` hands tasks to idle actors; an
 actor whose process dies is restarted (it loads the model again) and its unfinished task is run
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .memory import ContextMemory
 from .state import AdapterState
 from .text import chunked, token_stream
 
@@ -49,10 +53,13 @@ def _ray():
 @dataclass
 class ChunkedState:
     """A state and the numbers of the chunks summed into it, as sorted disjoint [start, stop)
-    ranges of the corpus's chunk numbering (chunk i is the i-th chunk the driver cut)."""
+    ranges of the corpus's chunk numbering (chunk i is the i-th chunk the driver cut). `memory`:
+    the chunks' context memory in chunk order (RayAbsorber.absorb's result; None when the model
+    keeps none)."""
 
     state: AdapterState
     held: list[tuple[int, int]] = field(default_factory=list)
+    memory: ContextMemory | None = None
 
     @property
     def chunks_held(self) -> int:
@@ -107,16 +114,30 @@ class _Encoder:
             "chunk_tokens": m.chunk_tokens,
             "chunk_batch": m.chunk_batch,
             "state_shapes": m.generator.state_shapes(),
+            "memory_storage": m.memory_storage,
+            "memory_prefix_len": len(m.memory_prefix),
+            "memory_shape": m.memory_shape,
         }
 
     def pid(self) -> int:
         return os.getpid()
 
-    def encode(self, start: int, chunks: list[list[int]]) -> tuple[int, int, int, dict]:
-        """Chunks numbered start.. -> (start, stop, tokens, {layer: float32 (r1, r2) numpy sum})."""
-        state = self.model.encode_chunks(chunks)
+    def encode(self, start: int, batches: list[tuple[int, list[list[int]]]]) -> tuple:
+        """(document number, chunks) batches of the chunks numbered start.., each batch encoded
+        as one -> (start, stop, tokens, {layer: float32 (r1, r2) numpy sum}, the chunks' memory,
+        each part in its document, in ContextMemory.tensors()'s form: CPU tensors; {} when the
+        model keeps none)."""
+        memory = self.model.new_memory()
+        state = self.model.new_state()
+        for document, batch in batches:
+            kept = len(memory.chunks) if memory is not None else 0
+            state.add_(self.model.encode_chunks(batch, memory=memory))
+            if memory is not None:
+                for part in memory.chunks[kept:]:
+                    part.document = document
         sums = {n: s.cpu().numpy() for n, s in state.sums.items()}
-        return start, start + len(chunks), state.tokens, sums
+        tensors = memory.tensors() if memory is not None else {}
+        return start, start + state.chunks, state.tokens, sums, tensors
 
 
 @dataclass
@@ -201,16 +222,32 @@ class RayAbsorber:
         return ray.get([a.pid.remote() for a in self.actors])
 
     def tasks(self, documents: Iterable[object], task_chunks: int) -> Iterator[tuple[int, list]]:
-        """(first chunk number, chunks) of `task_chunks` consecutive chunks of the documents, cut
-        exactly as Session.absorb cuts each document (chunks never straddle two documents)."""
-        task: list[list[int]] = []
-        number = 0
-        for document in documents:
-            for chunk in chunked(token_stream(self.tokenizer, document), self.info["chunk_tokens"]):
-                task.append(chunk)
-                if len(task) == task_chunks:
+        """(first chunk number, [(document number, batch of chunks), ...]) of consecutive chunks
+        of the documents, cut exactly as Session.absorb cuts each document and batched as it
+        batches them: chunk_batch chunks of one document, counted from its start (a document's
+        last batch may be shorter). A task holds whole batches, at least `task_chunks` chunks
+        (the last task: what is left), so each chunk is encoded beside the same chunks, with the
+        same padding, as in a local absorb."""
+        per = self.info["chunk_batch"]
+        task: list[tuple[int, list[list[int]]]] = []
+        batch: list[list[int]] = []
+        number = size = 0  # the task's first chunk number; chunks in its batches
+
+        def close_batch(document: int) -> bool:
+            nonlocal batch, size
+            task.append((document, batch))
+            size, batch = size + len(batch), []
+            return size >= task_chunks
+
+        for document, text in enumerate(documents):
+            for chunk in chunked(token_stream(self.tokenizer, text), self.info["chunk_tokens"]):
+                batch.append(chunk)
+                if len(batch) == per and close_batch(document):
                     yield number, task
-                    number, task = number + len(task), []
+                    number, task, size = number + size, [], 0
+            if batch and close_batch(document):
+                yield number, task
+                number, task, size = number + size, [], 0
         if task:
             yield number, task
 
@@ -222,13 +259,17 @@ class RayAbsorber:
         on_result: Callable[[int], None] | None = None,
     ) -> ChunkedState:
         """The summed state of `documents` (each a str, bytes or iterable of pieces, as
-        Session.absorb takes it), its chunks encoded by the actors.
+        Session.absorb takes it), its chunks encoded by the actors, and their context memory
+        (`memory`, None when the model keeps none).
 
-        Equals the state of absorbing each document into one session in this process, up to float
-        rounding of the order of the sum. `task_chunks` (default: one chunk batch) is the unit of
-        work and of retry; `on_result(n)` is called after the n-th partial state was added. Raises
-        DocumentError for a document that is not text (before or while encoding: nothing is
-        returned), and Ray's errors when an actor dies more often than max_restarts."""
+        Equals the state of absorbing each document into one session in this process (with the
+        actors' chunk_batch), up to float rounding of the order of the sum, and its memory: the
+        same chunks, encoded in the same batches, in the same order, each in the document it came
+        from. A task (the unit of work and of retry) holds whole chunk batches, at least
+        `task_chunks` chunks (default: one batch); `on_result(n)` is called after the n-th
+        partial state was added. Raises DocumentError for a document that is not text (before or
+        while encoding: nothing is returned), and Ray's errors when an actor dies more often than
+        max_restarts."""
         from ray.util import ActorPool
 
         task_chunks = task_chunks or self.info["chunk_batch"]
@@ -236,6 +277,7 @@ class RayAbsorber:
         pool = ActorPool(self.actors)
         pending = self.tasks(documents, task_chunks)
         total = ChunkedState(AdapterState.zeros(self.info["state_shapes"]))
+        parts: dict[int, dict] = {}  # first chunk number -> that task's memory tensors
         submitted = 0
 
         def submit() -> bool:
@@ -244,7 +286,7 @@ class RayAbsorber:
             if task is None:
                 return False
             pool.submit(lambda actor, t: actor.encode.remote(*t), task)
-            submitted = task[0] + len(task[1])
+            submitted = task[0] + sum(len(batch) for _, batch in task[1])
             return True
 
         for _ in range(2 * len(self.actors)):  # one running and one waiting per actor
@@ -254,10 +296,11 @@ class RayAbsorber:
         desc = f"absorbing on {len(self.actors)} Ray workers"
         with tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
             while pool.has_next():
-                start, stop, tokens, sums = pool.get_next_unordered()
+                start, stop, tokens, sums, memory = pool.get_next_unordered()
                 submit()
                 part = {n: torch.from_numpy(s.copy()) for n, s in sums.items()}  # read-only
                 total.add_(ChunkedState(AdapterState(part, tokens, stop - start), [(start, stop)]))
+                parts[start] = memory
                 bar.update(tokens)
                 results += 1
                 if on_result is not None:
@@ -267,7 +310,24 @@ class RayAbsorber:
         if total.held != [(0, submitted)]:
             raise RuntimeError(f"chunks {total.held} were added, expected [0, {submitted})")
         total.state.documents = documents.count
+        total.memory = self._memory(parts, documents.count)
         return total
+
+    def _memory(self, parts: dict[int, dict], documents: int) -> ContextMemory | None:
+        """The tasks' memory parts (each chunk already in its document) in chunk order."""
+        info = self.info
+        if info["memory_storage"] is None:
+            return None
+        prefix, storage = info["memory_prefix_len"], info["memory_storage"]
+        memory = ContextMemory(prefix, storage)
+        for start in sorted(parts):
+            part = ContextMemory.from_tensors(
+                parts[start], prefix, storage, documents, info["memory_shape"]
+            )
+            memory.chunks += part.chunks
+        memory.documents = documents
+        memory.version += 1
+        return memory
 
     def absorb_files(self, paths: Iterable[str], **kwargs) -> ChunkedState:
         """`absorb` of UTF-8 text files, one document each (as `genadapter absorb` reads them)."""

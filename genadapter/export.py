@@ -4,7 +4,11 @@ and other multi-LoRA engines load, and a full model folder with the delta merged
 For an adapted layer the session's delta is Delta W = alpha B S_hat^T A (generator.py), so
     lora_A = alpha S_hat^T A    (r2 x d_in; generator.folded),    lora_B = B    (d_out x r2)
 with PEFT's scaling lora_alpha / r = 1. Nothing here imports PEFT: the folder is two files,
-adapter_config.json and adapter_model.safetensors, in PEFT's layout."""
+adapter_config.json and adapter_model.safetensors, in PEFT's layout.
+
+Only the adapter state is exported: a session's context memory (the absorbed chunks' own keys and
+values, memory.py) changes attention, not weights, so no LoRA expresses it. Exporting a session
+whose memory is not empty says so (`memory_note`: a logged warning, and the CLI prints it)."""
 
 from __future__ import annotations
 
@@ -123,6 +127,33 @@ class LoraAdapter:
         info = folder / INFO_FILE
         info = json.loads(info.read_text()) if info.is_file() else {}
         return cls(weights, config.get("base_model_name_or_path", ""), info)
+
+
+def memory_note(memory) -> str | None:
+    """What exporting leaves out of a session whose context memory is not empty; None for an
+    empty (or no) memory."""
+    if memory is None or memory.is_empty:
+        return None
+    return (
+        f"the session's memory ({memory.tokens} tokens) cannot be expressed as a LoRA and is not "
+        "exported: the export holds the adapter state only"
+    )
+
+
+def export_session(
+    session, folder: str | os.PathLike, merged: bool = False, warn: bool = True
+) -> Path:
+    """Session.to_peft: `session`'s adapter as a PEFT LoRA folder, or with `merged`, a model folder
+    with the delta merged (see session_lora and write_merged). The memory is not exported: when
+    it is not empty, a warning says so (with `warn`) and the folder's genadapter.json and README
+    record the tokens left out."""
+    lora = session_lora(session.model, session.state)
+    note = memory_note(getattr(session, "memory", None))
+    if note is not None:
+        if warn:
+            log.warning(note)
+        lora.info["memory_tokens_not_exported"] = session.memory.tokens
+    return write_merged(session.model, lora, folder) if merged else lora.save(folder)
 
 
 def session_lora(model, state: AdapterState) -> LoraAdapter:

@@ -17,7 +17,12 @@ Over states, S_i are the r1 x r2 sums of each adapted layer: the adapter reads S
 normalization, which ignores scale, so `sum`, `mean` and `task_arithmetic` with equal weights
 give the same delta. Over LoRAs, S_i are the weight deltas Delta W_i = B_i A_i: the linear
 methods concatenate the factors (exact, rank sum_i r_i; PEFT's "cat"), the others merge the full
-deltas and factor the result back by SVD to `rank` (PEFT's "ties_svd", "dare_linear_svd", ...)."""
+deltas and factor the result back by SVD to `rank` (PEFT's "ties_svd", "dare_linear_svd", ...).
+
+Sessions also hold a context memory (memory.py): merging sessions (`merge_sessions`, and
+`genadapter merge` of saved sessions) gives a session whose state is the merge above and whose
+memory is the union of their chunks, documents in the order the sessions are given. With `sum`,
+that is exactly one session that absorbed every document."""
 
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ from pathlib import Path
 import torch
 
 from .export import LoraAdapter
-from .state import AdapterState
+from .memory import ContextMemory, MemoryFormatError
+from .session import Session, _state_path
+from .state import AdapterState, CorruptStateError, IncompatibleStateError
 
 METHODS = ("sum", "mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 LINEAR = ("sum", "mean", "task_arithmetic")
@@ -164,3 +171,83 @@ def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
         return delta.new_zeros(k, delta.shape[1]), delta.new_zeros(delta.shape[0], k)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Vh[:k].contiguous(), (U[:, :k] * S[:k]).contiguous()
+
+
+def merge_sessions(sessions: Sequence[Session], method: str = "sum", **options) -> Session:
+    """A new session on the first session's model: its state the `merge` of the sessions' states
+    (`method` and `options` as for `merge`), its memory the union of their memories' chunks, the
+    documents of each session after those of the sessions before it, and no conversation. The
+    inputs are left as they were.
+
+    Raises ValueError for no sessions, sessions of models with other bases or generators, or
+    memories stored differently (int8 and float) or encoded after different prefixes."""
+    sessions = list(sessions)
+    if not sessions or not all(isinstance(s, Session) for s in sessions):
+        raise ValueError("merge_sessions takes one or more Sessions")
+    model = sessions[0].model
+    if len({(s.model.base_fingerprint, s.model.generator_fingerprint) for s in sessions}) > 1:
+        raise IncompatibleStateError("the sessions were made with different bases or generators")
+    state = merge([s.state for s in sessions], method=method, **options)
+    return Session(model, state, memory=union([s.memory for s in sessions]))
+
+
+def union(memories: Sequence[ContextMemory | None]) -> ContextMemory | None:
+    """A new memory holding every chunk of `memories` in order (None entries hold nothing); None
+    when all are None. Raises ValueError for memories of different storage or prefix."""
+    present = [m for m in memories if m is not None]
+    if not present:
+        return None
+    if len({(m.storage, m.prefix_len) for m in present}) > 1:
+        raise ValueError("cannot join memories stored differently or encoded after other prefixes")
+    out = ContextMemory(present[0].prefix_len, present[0].storage)
+    for m in present:
+        out.extend(m)
+    return out
+
+
+def merge_session_files(paths: Sequence, out, method: str = "sum", **options) -> Path:
+    """`genadapter merge` of saved sessions: the merged session (state: `merge`; memory: the
+    union of the files' memories, in the order of `paths`) saved to `out` (a folder or a
+    .safetensors file) without loading a model. Returns the file written.
+
+    Raises FileNotFoundError, CorruptStateError, and IncompatibleStateError for sessions of
+    different bases or generators or memories that cannot be joined."""
+    loaded = []
+    for p in paths:
+        tensors: dict = {}
+        state, meta = AdapterState.load(_state_path(p), extra=tensors)
+        loaded.append((state, meta, _file_memory(p, meta, tensors)))
+    keys = ("base_fingerprint", "generator_fingerprint")
+    if len({tuple(meta.get(k) for k in keys) for _, meta, _ in loaded}) > 1:
+        raise IncompatibleStateError("the sessions were made with different bases or generators")
+    merged = merge([state for state, _, _ in loaded], method=method, **options)
+    try:
+        memory = union([m for _, _, m in loaded])
+    except ValueError as e:  # MemoryFormatError among them
+        raise IncompatibleStateError(f"the sessions' memories cannot be joined: {e}") from None
+    meta = {k: v for k, v in loaded[0][1].items() if k not in ("messages", "created", "memory")}
+    meta.update(messages=[], merge=method)
+    if memory is not None:
+        info = {"storage": memory.storage, "prefix_len": memory.prefix_len}
+        meta["memory"] = dict(info, documents=memory.documents)
+    path = _state_path(out)
+    merged.save(path, meta, extra=memory.tensors() if memory is not None else None)
+    return path
+
+
+def _file_memory(path, meta: dict, tensors: dict) -> ContextMemory | None:
+    """The memory a saved session holds (None for a file saved without one), read with the
+    shape its own tensors have: a model checks it when the merged session is loaded."""
+    info = meta.get("memory")
+    if info is None:
+        if tensors:
+            raise CorruptStateError(f"{path}: memory tensors without their description")
+        return None
+    keys = tensors.get("memory.keys")
+    shape = tuple(keys.shape[i] for i in (0, 1, 3)) if getattr(keys, "ndim", 0) == 4 else (0,) * 3
+    try:
+        return ContextMemory.from_tensors(
+            tensors, int(info["prefix_len"]), str(info["storage"]), int(info["documents"]), shape
+        )
+    except (MemoryFormatError, KeyError, TypeError, ValueError) as e:
+        raise CorruptStateError(f"{path}: {e}") from e

@@ -5,6 +5,7 @@ import argparse
 import fcntl
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import torch
 import genadapter
 from genadapter.cli import build_parser
 
-from .conftest import DOCUMENT
+from .conftest import DOCUMENT, TEST_CHUNK, make_tiny_base
 
 
 def run_cli(*args, stdin="", timeout=600):
@@ -93,10 +94,35 @@ def test_chat_repl_commands(tmp_path):
     assert any("Paris" in line for line in lines)
     stats = [line for line in lines if line.startswith("documents")]
     assert stats[0].startswith("documents 1, tokens") and "tokens 0" not in stats[0]
-    assert stats[1].startswith("documents 0, tokens 0")
-    assert any(line.startswith("loaded") and "documents 1" in line for line in lines)
+    # The memory holds the same absorbed tokens as the state, reported apart from it.
+    absorbed = re.search(r"tokens (\d+), chunks", stats[0])[1]
+    assert re.search(r"; state \d+ KiB, memory (\d+) tokens [1-9]\d* KiB", stats[0])[1] == absorbed
+    assert stats[1].startswith("documents 0, tokens 0") and "memory 0 tokens 0 KiB" in stats[1]
+    loaded = [line for line in lines if line.startswith("loaded")]
+    assert loaded and "documents 1" in loaded[0] and f"memory {absorbed} tokens" in loaded[0]
     assert "not UTF-8" in out.stderr and "no such file" in out.stderr
     assert (tmp_path / "saved" / "state.safetensors").is_file()
+
+
+def test_describe_reports_the_state_and_the_memory_apart(tmp_path):
+    """/stats's line on a tiny random base, with a memory and without one."""
+    from genadapter.base import load_tokenizer
+    from genadapter.chat import describe
+
+    base = make_tiny_base(tmp_path / "base", load_tokenizer())
+    for storage in ("int8", None):
+        model = genadapter.load(
+            base=base, device="cpu", chunk_tokens=TEST_CHUNK, quantize=None, memory=storage
+        )
+        session = model.session()
+        session.absorb(DOCUMENT)
+        line = describe(session)
+        state = f"state {session.state.nbytes / 1024:.0f} KiB"
+        if storage is None:
+            assert f"; {state}, no memory (a KV cache" in line
+        else:
+            memory = f"memory {session.tokens} tokens {session.memory_bytes / 1024:.0f} KiB"
+            assert session.memory_bytes > 0 and f"; {state}, {memory} (a KV cache" in line
 
 
 def test_library_commands_add_list_and_remove(tmp_path, capsys):

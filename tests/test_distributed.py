@@ -3,7 +3,8 @@ same files in this process. One cluster and one pool of actors serve the whole m
 
 Tolerance: the distributed state is the same sum taken in another order and with other chunk
 batches, so it matches to float32 rounding: relative Frobenius error at most 1e-5 per layer;
-logits under it within 1e-4 (they are of order 10)."""
+logits under it within 1e-4 (they are of order 10). The memory is the same chunks' keys and values
+in the same order, equal bit for bit in int8: the actors encode the batches a local absorb does."""
 
 import os
 import signal
@@ -20,6 +21,7 @@ from genadapter.distributed import ChunkedState, DuplicateChunkError, RayAbsorbe
 from genadapter.state import AdapterState
 
 from .conftest import DOCUMENT, TEST_CHUNK, make_tiny_base
+from .memory_compare import assert_same_memory
 
 LONG = "\n\n".join(
     DOCUMENT.replace("1871", str(1800 + i)).replace("Kestrel", f"Kestrel {i}") for i in range(4)
@@ -100,6 +102,17 @@ def test_distributed_state_and_logits_equal_single_process(random_model, absorbe
     assert (want - random_model.logits(ids, None)).abs().max() > 0.1  # the state matters
 
 
+def test_distributed_memory_equals_single_process(absorber, files, single):
+    """Two workers, tasks of whole batches (3 chunks of one document, as the local absorb batches
+    them): the memory parts come back in any order and are put back in chunk order, each in the
+    document it was cut from; int8 keys and values equal bit for bit."""
+    result = absorber.absorb_files(files, task_chunks=2, progress=False)
+    want = single.memory
+    assert want.storage == "int8" and want.documents == len(files) == 3
+    assert [c.document for c in want.chunks][-2:] == [1, 2]  # documents of several chunks
+    assert_same_memory(result.memory, want, tol=1e-3)
+
+
 def test_a_worker_killed_mid_run_still_gives_the_same_state(absorber, files, single):
     before = absorber.pids()
     killed = []
@@ -143,5 +156,7 @@ def test_cli_absorb_on_ray_saves_a_session_that_loads(cluster, files, tmp_path):
     single = model.session()
     for path in files:
         single.absorb(read_document(path))
-    assert_same_state(model.load_session(out).state, single.state)
+    loaded = model.load_session(out)
+    assert_same_state(loaded.state, single.state)
+    assert_same_memory(loaded.memory, single.memory, tol=1e-3)
     assert ray.is_initialized()  # it joined this cluster and left it running

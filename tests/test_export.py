@@ -5,6 +5,7 @@ small examples whose results were worked out by hand (in the comments)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -13,11 +14,14 @@ from transformers import AutoModelForCausalLM
 
 import genadapter
 from genadapter import cli
-from genadapter.export import LoraAdapter, session_lora
+from genadapter.export import LoraAdapter, export_session, session_lora
+from genadapter.memory import ContextMemory
 from genadapter.merging import METHODS
+from genadapter.session import Session
 from genadapter.state import AdapterState
 
 from .conftest import DOCUMENT
+from .memory_compare import assert_same_memory
 
 OTHER = """The Harrowgate observatory stood on a granite knoll above the village of Tessel. Its
 refractor, ground by Ilse Marwood in 1902, had a lens of 61 centimetres and was used until 1974
@@ -104,6 +108,61 @@ def test_sum_of_states_is_absorbing_into_one_session(random_model, exported):
     assert all(torch.equal(merged.sums[n], both.state.sums[n]) for n in merged.sums)
     assert (merged.tokens, merged.documents) == (both.tokens, 2)
     assert a.tokens == tokens and merged.sums is not a.state.sums  # the inputs stay as they were
+
+
+def test_merging_sessions_is_one_session_that_absorbed_both(random_model, exported):
+    """State: the sum; memory: the union of the chunks, documents in the order given."""
+    a, _ = exported  # DOCUMENT absorbed
+    b, both = random_model.session(), random_model.session()
+    b.absorb(OTHER)
+    both.absorb(DOCUMENT)
+    both.absorb(OTHER)
+    chunks = len(a.memory.chunks)
+    merged = genadapter.merge_sessions([a, b])
+    assert isinstance(merged, Session) and merged.model is random_model and not merged.messages
+    assert (merged.tokens, merged.state.documents) == (both.tokens, 2)
+    for n, S in both.state.sums.items():
+        assert (merged.state.sums[n] - S).norm() <= 1e-6 * S.norm(), n
+    assert merged.memory_tokens == both.memory_tokens == both.tokens
+    assert_same_memory(merged.memory, both.memory)  # each document was encoded on its own
+    assert [c.document for c in merged.memory.chunks][chunks - 1 : chunks + 1] == [0, 1]
+    assert len(a.memory.chunks) == chunks and a.memory.documents == 1  # inputs unchanged
+    # The other order: b's chunks first.
+    reverse = genadapter.merge_sessions([b, a])
+    assert torch.equal(reverse.memory.chunks[0].keys, b.memory.chunks[0].keys)
+    assert [c.document for c in reverse.memory.chunks] == [
+        *(0 for _ in b.memory.chunks),
+        *(1 for _ in a.memory.chunks),
+    ]
+    float_memory = Session(random_model, memory=ContextMemory(a.memory.prefix_len, "float"))
+    with pytest.raises(ValueError, match="stored differently"):
+        genadapter.merge_sessions([a, float_memory])
+    with pytest.raises(ValueError):
+        genadapter.merge_sessions([])
+
+
+def test_exporting_says_the_memory_is_not_exported(exported, random_model, tmp_path, caplog):
+    session, _ = exported
+    tokens = session.memory_tokens
+    assert tokens == session.tokens > 0
+    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+        path = export_session(session, tmp_path / "peft")
+    notes = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
+    assert len(notes) == 1 and f"memory ({tokens} tokens" in notes[0], notes
+    assert "cannot be expressed as a LoRA and is not exported" in notes[0]
+    info = json.loads((path / "genadapter.json").read_text())
+    assert info["memory_tokens_not_exported"] == tokens
+    assert (
+        LoraAdapter.load(path).weights.keys()
+        == session_lora(random_model, session.state).weights.keys()
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+        export_session(random_model.session(), tmp_path / "empty")  # an empty memory: no note
+    assert not [r for r in caplog.records if "memory" in r.getMessage()]
+    assert "memory_tokens_not_exported" not in json.loads(
+        (tmp_path / "empty" / "genadapter.json").read_text()
+    )
 
 
 # -- hand-checked examples ------------------------------------------------------------------------
@@ -197,8 +256,10 @@ def test_cli_merge_of_sessions_and_of_peft_folders(random_model, exported, tmp_p
     argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]
     assert cli.main(argv) == 0
     merged = random_model.load_session(tmp_path / "ab")
-    expected = genadapter.merge([a, b])
-    assert all(torch.equal(merged.state.sums[n], expected.sums[n]) for n in expected.sums)
+    expected = genadapter.merge_sessions([a, b])
+    assert all(torch.equal(merged.state.sums[n], expected.state.sums[n]) for n in a.state.sums)
+    assert merged.memory.documents == 2 and merged.memory_tokens == a.tokens + b.tokens
+    assert_same_memory(merged.memory, expected.memory)  # the union of the saved memories
     _, out = exported
     peft = str(out / "peft")
     argv = ["merge", peft, peft, "--method", "mean", "--weights", "1", "3", "--out"]
@@ -210,12 +271,14 @@ def test_cli_merge_of_sessions_and_of_peft_folders(random_model, exported, tmp_p
     assert cli.main(["merge", peft, str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path):
+def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path, capsys):
     session, out = exported
     random_model.generator.save_pretrained(tmp_path / "gen", random_model.base_fingerprint)
     session.save(tmp_path / "s")
     argv = ["export", str(tmp_path / "s"), "--generator", str(tmp_path / "gen")]
     assert cli.main([*argv, "--chunk-tokens", "64", "--peft", str(tmp_path / "p")]) == 0
+    printed = capsys.readouterr().out
+    assert f"memory ({session.memory_tokens} tokens) cannot be expressed" in printed
     got, want = LoraAdapter.load(tmp_path / "p"), LoraAdapter.load(out / "peft")
     assert all(torch.equal(got.weights[n][0], want.weights[n][0]) for n in want.weights)
     assert cli.main(argv) == 2  # neither --peft nor --merged
