@@ -216,11 +216,11 @@ class Session:
         the delta added to the base's float weights. Returns the folder.
 
         Raises export.ExportError for a generator with an LM-head adapter; warns when the base
-        runs quantized (the LoRA then applies to its float weights). See genadapter/export.py."""
-        from .export import session_lora, write_merged
+        runs quantized (the LoRA then applies to its float weights) and when the session's memory
+        is not empty (a memory is no LoRA: only the adapter is exported). See export.py."""
+        from .export import export_session
 
-        lora = session_lora(self.model, self.state)
-        return write_merged(self.model, lora, folder) if merged else lora.save(folder)
+        return export_session(self, folder, merged)
 
     # -- persistence ----------------------------------------------------------------------------
 
