@@ -4,8 +4,9 @@ expert that decoding routes to per token and per layer (routing.py, PHATGOOSE).
 Layout of a library folder:
     library.json                   manifest: format, the base and generator fingerprints, and per
                                    entry its counts and the SHA-256 of its state's sums
-    entries/NAME/state.safetensors the document's state in the saved-session format
-                                   (`model.load_session` opens it as a session)
+    entries/NAME/state.safetensors the document's state and context memory in the saved-session
+                                   format (`model.load_session` opens it as a session; entries
+                                   written before memories load with an empty one)
     entries/NAME/gates.safetensors per adapted layer, the mean of the layer's inputs over the
                                    document's tokens (1 x d_in float32), in the same checksummed
                                    container (AdapterState.save), bound to the state's checksum
@@ -48,18 +49,19 @@ from .library_entry import (
     EMBEDDING_FILES,
     FINGERPRINTS,
     FORMAT,
-    GATES_FILE,
     STATE_FILE,
     Entry,
     EntryDraft,
     MissingEmbeddingError,
     NoEntryError,
     check_name,
+    copy_entry,
     documents,
     read_embedding,
     read_gates,
     read_manifest,
 )
+from .library_memory import EntryMemories
 from .library_session import RoutedSession
 from .routing import Routes, standardize
 from .session import AbsorbStats, Session
@@ -89,6 +91,7 @@ class Library:
         self._downs: dict[str, torch.Tensor] | None = None
         self._routes: dict[str, dict] = {}  # gate kind -> layer -> (gates, center)
         self._stored: dict[tuple[str, str], torch.Tensor] = {}  # (kind, entry) -> (D,) embedding
+        self.memories = EntryMemories(self)  # entries' context memories, loaded on demand
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Library:
         shutil.rmtree(self.path / ENTRIES / name, ignore_errors=True)
 
     def load(self, name: str) -> tuple[Session, dict[str, torch.Tensor]]:
-        """The entry's session and its gates (layer name -> (d_in,) float32 mean input).
+        """The entry's session (state and memory) and gates (layer -> (d_in,) float32 mean input).
 
         Raises NoEntryError (a KeyError: no such entry), FileNotFoundError, CorruptStateError (a
         damaged file, or files that do not belong together) and IncompatibleStateError (made
@@ -220,12 +223,7 @@ class Library:
                     other.path / ENTRIES / name, self.model, session.state.checksum(), kind
                 )
         for name in names:
-            src, dst = other.path / ENTRIES / name, self.path / ENTRIES / name
-            for file in (STATE_FILE, GATES_FILE, *EMBEDDING_FILES.values()):
-                if (src / file).exists():
-                    atomic_write(dst / file, (src / file).read_bytes())
-                else:  # an embedding file `other` lacks (its state and gates were read above):
-                    (dst / file).unlink(missing_ok=True)  # not a crashed add's leftover either
+            copy_entry(other.path / ENTRIES / name, self.path / ENTRIES / name)
         copied = {n: dict(other._manifest["entries"][n]) for n in names}
         self._write_manifest({**self._manifest["entries"], **copied})
         return names
@@ -372,11 +370,12 @@ class Library:
         top = scores.topk(min(k, len(names)))
         return [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
-    def session(self, k: int = 2, gates: str = DEFAULT_GATES) -> RoutedSession:
+    def session(self, k: int = 2, gates: str = DEFAULT_GATES, memory: bool = True) -> RoutedSession:
         """A session that answers with every token routed to its top-k entries by `gates`
-        ("closed" or "centred", see `routes`)."""
+        ("closed" or "centred", see `routes`), each turn reading the memories of the entries its
+        text finds (library_memory.py; `memory=False`: the routed adapter states alone)."""
         self.routes(k, gates)  # fail now, not at the first token
-        return RoutedSession(self, k, gates)
+        return RoutedSession(self, k, gates, memory)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -394,6 +393,7 @@ class Library:
         self._means = self._downs = None
         self._routes = {}
         self._stored = {}
+        self.memories = EntryMemories(self)
 
 
 def _check_routable(model) -> None:

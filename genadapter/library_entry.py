@@ -1,7 +1,8 @@
 """The files of one library entry (library.py): writing them at `add`, reading and verifying them,
 and the manifest's checks. Every file is a checksummed AdapterState container written atomically;
 the gates and the stored embeddings are bound to the state's checksum and the model's
-fingerprints, so an entry's files cannot be mixed with another's or another model's."""
+fingerprints, so an entry's files cannot be mixed with another's or another model's. The state
+file also holds the entry's context memory (memory.py), as a saved session holds its own."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import torch
 
 from . import embedding
 from .layers import bound
+from .memory import ContextMemory
 from .session import Session
-from .state import AdapterState, CorruptStateError, IncompatibleStateError
+from .state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
 from .text import DocumentError
 
 FORMAT = "genadapter-library/1"
@@ -45,7 +47,8 @@ class NoEntryError(KeyError):
 
 @dataclass
 class Entry:
-    """One stored document: its name, what was absorbed, when, and its state's checksum."""
+    """One stored document: its name, what was absorbed, when, its state's checksum, and its
+    context memory's tokens and bytes (0 for an entry written before entries kept one)."""
 
     name: str
     tokens: int
@@ -53,26 +56,41 @@ class Entry:
     documents: int
     added: float
     state_sha256: str
+    memory_tokens: int = 0
+    memory_bytes: int = 0
+
+
+# Manifest fields every entry has; the others were added later and may be missing.
+REQUIRED_FIELDS = {"tokens", "chunks", "documents", "added", "state_sha256"}
 
 
 class EntryDraft:
-    """An entry being absorbed: its state, the sums of each adapted layer's inputs (its gates)
-    and its lexical embedding, all from the one context pass that absorbs it. `encode` takes any
-    number of token chunks per call (so a server absorbs a long document a few chunks at a time,
-    between decode steps, in its model thread); Library.commit writes it."""
+    """An entry being absorbed: its state, its context memory (None when the model keeps none),
+    the sums of each adapted layer's inputs (its gates) and its lexical embedding, all from the
+    one context pass that absorbs it. `encode` takes any number of token chunks per call (so a
+    server absorbs a long document a few chunks at a time, between decode steps, in its model
+    thread); Library.commit writes it."""
 
     def __init__(self, model):
         self.model = model
         self.state = model.new_state()
+        self.memory = model.new_memory()
         self.inputs: dict[str, torch.Tensor] = {}  # layer name -> (d_in,) sum of inputs
         self.bag = embedding.LexicalBag(model)
 
     def encode(self, chunks: Iterable[list[int]], progress: bool = False) -> None:
         """Absorb token chunks (each of 1..max_positions ids) as model.encode_chunks does;
-        raises ValueError for a chunk of another length. Count a finished document with
-        `state.documents += 1`."""
+        raises ValueError for a chunk of another length (the draft is then unchanged). Count a
+        finished document with `state.documents += 1`: the memory's chunks belong to the
+        document being absorbed, `state.documents` (0-based)."""
+        part = self.model.new_memory() if self.memory is not None else None
         with bound(self.model.binding, input_sums=self.inputs, on_hidden=self.bag.add):
-            self.state.add_(self.model.encode_chunks(chunks, progress=progress))
+            self.state.add_(self.model.encode_chunks(chunks, progress=progress, memory=part))
+        if part is not None:
+            for chunk in part.chunks:
+                chunk.document = self.state.documents
+            self.memory.chunks.extend(part.chunks)
+            self.memory.version += 1
 
     def write(self, folder: Path) -> dict:
         """Write the entry's files into `folder` (write_entry) and return its manifest record
@@ -81,34 +99,58 @@ class EntryDraft:
         if not state.tokens:
             raise DocumentError("nothing was absorbed into this entry")
         means = {n: s / state.tokens for n, s in self.inputs.items()}
-        write_entry(folder, self.model, state, means, self.bag.vector())
+        memory = self.memory
+        if memory is not None:  # its documents, as AdaptedModel.encode counts one document's
+            last = max((c.document for c in memory.chunks), default=-1)
+            memory.documents = max(state.documents, last + 1)
+            memory.version += 1
+        write_entry(folder, self.model, state, means, self.bag.vector(), memory)
         return {
             "tokens": state.tokens,
             "chunks": state.chunks,
             "documents": state.documents,
             "added": time.time(),
             "state_sha256": state.checksum(),
+            "memory_tokens": memory.tokens if memory is not None else 0,
+            "memory_bytes": memory.nbytes if memory is not None else 0,
         }
 
 
 def write_entry(
-    folder: Path, model, state: AdapterState, means: dict[str, torch.Tensor], lexical: torch.Tensor
+    folder: Path,
+    model,
+    state: AdapterState,
+    means: dict[str, torch.Tensor],
+    lexical: torch.Tensor,
+    memory: ContextMemory | None = None,
 ) -> None:
-    """Save an entry's state (the saved-session format), its gates (`means`: layer name ->
-    (d_in,) float32 mean input), its behaviour embedding (computed here: one forward of the
-    probes under the state) and its lexical embedding (`lexical`: (vocab,) float32, the
-    embedding.LexicalBag filled by the pass that absorbed the document) into `folder`."""
+    """Save an entry's state and its context memory `memory` (None: none; the saved-session
+    format, one checksum over both), its gates (`means`: layer name -> (d_in,) float32 mean
+    input), its behaviour embedding (computed here: one forward of the probes under the state)
+    and its lexical embedding (`lexical`: (vocab,) float32, the embedding.LexicalBag filled by
+    the pass that absorbed the document) into `folder`."""
     meta = {k: getattr(model, k) for k in FINGERPRINTS}
     meta["state_sha256"] = state.checksum()
     gates = AdapterState({n: m.unsqueeze(0) for n, m in means.items()})
     gates.tokens = state.tokens
-    Session(model, state).save(folder / STATE_FILE)
+    Session(model, state, memory=memory).save(folder / STATE_FILE)
     gates.save(folder / GATES_FILE, dict(meta, kind=GATES_KIND))
     vectors = {"behaviour": embedding.behaviour_of_state(model, state), "lexical": lexical}
     for kind, vector in vectors.items():
         stored = AdapterState({kind: vector[None].float()})
         meta_kind = dict(meta, kind=f"library-{kind}", version=_version(kind))
         stored.save(folder / EMBEDDING_FILES[kind], meta_kind)
+
+
+def copy_entry(src: Path, dst: Path) -> None:
+    """Copy an entry's files (read and verified by the caller) from folder `src` to `dst`, each
+    atomically. A stored embedding `src` lacks (made before it existed) is removed from `dst`,
+    where a crashed add may have left one."""
+    for file in (STATE_FILE, GATES_FILE, *EMBEDDING_FILES.values()):
+        if (src / file).exists():
+            atomic_write(dst / file, (src / file).read_bytes())
+        else:
+            (dst / file).unlink(missing_ok=True)
 
 
 def read_gates(folder: Path, model, checksum: str) -> dict[str, torch.Tensor]:
@@ -187,7 +229,7 @@ def read_manifest(path: Path) -> dict:
         ok = ok and all(isinstance(manifest.get(k), str) for k in FINGERPRINTS)
         fields = set(Entry.__dataclass_fields__) - {"name"}
         ok = ok and all(
-            isinstance(e, dict) and e.keys() == fields and NAME_RE.fullmatch(n)
+            isinstance(e, dict) and REQUIRED_FIELDS <= e.keys() <= fields and NAME_RE.fullmatch(n)
             for n, e in manifest["entries"].items()
         )
     except (ValueError, AttributeError, UnicodeDecodeError) as e:

@@ -55,7 +55,8 @@ class Session:
         self.memory = model.new_memory() if memory is True else (memory or None)
         self.messages: list[dict[str, str]] = []  # this session's chat turns
         self.created = time.time()
-        self._read: tuple[tuple, MemoryRead] | None = None  # the last layout read, reused
+        # The last memory read: (its memory, the selection, the read), reused.
+        self._read: tuple[ContextMemory, tuple, MemoryRead] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +101,7 @@ class Session:
         """The memory one turn reads (memory.ContextMemory.select over `query`'s lexical
         embedding, at most `budget` tokens), laid out after a header of `header_len` tokens; None
         when nothing is read. The last layout is kept and reused while the same chunks are read."""
-        if self.memory is None or self.memory.is_empty or budget <= 0:
+        if not self._reads_memory() or budget <= 0:
             return None
         m = self.model
         q = None
@@ -108,13 +109,25 @@ class Session:
             from .embedding import lexical  # the question's reading by the base alone
 
             q = lexical(m, [query])
-        chunks = self.memory.select(q, budget, m.memory_threshold, m.memory_keep)
+        memory = self._turn_memory(q, budget)
+        if memory is None:
+            return None
+        chunks = memory.select(q, budget, m.memory_threshold, m.memory_keep)
         if not chunks:
             return None
-        key = (self.memory.version, tuple(chunks), header_len)
-        if self._read is None or self._read[0] != key:
-            self._read = (key, assemble(m, self.memory, chunks, header_len))
-        return self._read[1]
+        key = (memory.version, tuple(chunks), header_len)
+        if self._read is None or self._read[0] is not memory or self._read[1] != key:
+            self._read = (memory, key, assemble(m, memory, chunks, header_len))
+        return self._read[2]
+
+    def _reads_memory(self) -> bool:
+        """Whether a turn may read a memory at all (else its layout is the plain prompt)."""
+        return self.memory is not None and not self.memory.is_empty
+
+    def _turn_memory(self, query, budget: int) -> ContextMemory | None:
+        """The memory a turn selects from, for its lexical embedding `query` (None: no text):
+        the session's own (a RoutedSession gathers its library entries' memories)."""
+        return self.memory
 
     def text_layout(self, ids: list[int], query: str | None, reserve: int = 0) -> Layout:
         """Raw text `ids` after the memory (what it reads for `query`), itself after the prefix
@@ -169,7 +182,7 @@ class Session:
         window), with what the memory reads for its last message laid out at the start of the
         first user message, then SEPARATOR, as a prompt would put a document there."""
         kept, ids = self._fit_chat(messages, max_new_tokens)
-        if self.memory is None or self.memory.is_empty:
+        if not self._reads_memory():
             return Layout([], None, ids)
         header, rest_text = split_template(self.model.tokenizer, kept)
         if rest_text is None:  # no chat template: read as raw text

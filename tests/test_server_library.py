@@ -72,11 +72,16 @@ def test_library_create_add_list_search_remove_round_trip(server):
         "name": "manuals",
         "entry_count": 0,
         "tokens": 0,
+        "memory_tokens": 0,
+        "memory_bytes": 0,
         "entries": [],
     }
     r = server.http.post(f"{LIB}/manuals/documents", json={"text": DOCS["bees"], "name": "bees"})
     assert r.status_code == 201, r.text
-    assert r.json()["entry"]["name"] == "bees" and r.json()["entry"]["tokens"] > 10
+    entry = r.json()["entry"]
+    assert entry["name"] == "bees" and entry["tokens"] > 10
+    # The entry keeps the context memory of what it absorbed (one memory token per token).
+    assert entry["memory_tokens"] == entry["tokens"] and entry["memory_bytes"] > 0
     r = server.http.post(  # text/plain, the entry's name in the query
         f"{LIB}/manuals/documents?name=ocean",
         content=DOCS["ocean"].encode(),
@@ -89,6 +94,7 @@ def test_library_create_add_list_search_remove_round_trip(server):
     info = server.http.get(f"{LIB}/manuals").json()
     assert [e["name"] for e in info["entries"]] == ["bees", "ocean"]
     assert info["tokens"] == sum(e["tokens"] for e in info["entries"])
+    assert info["memory_bytes"] == sum(e["memory_bytes"] for e in info["entries"]) > 0
     for entry, other in (("bees", "ocean"), ("ocean", "bees")):
         r = server.http.post(f"{LIB}/manuals/search", json={"query": QUESTIONS[entry], "k": 2})
         assert r.status_code == 200, r.text
@@ -191,15 +197,17 @@ def test_adding_a_long_document_does_not_hold_up_a_chat(server, random_model):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
         assert not add.done(), "the chat waited for the whole document"
         assert add.result().status_code == 201, add.result().text
-    # Absorbed a chunk at a time, the entry is the document's: the state a session makes (one
-    # without a memory: library entries keep none yet, so their chunks are encoded without the
-    # memory's prefix).
+    # Absorbed a chunk at a time, the entry is the document's: the state and the memory a
+    # session makes (one document, its chunks' blocks in order).
     stored = Library.open(server.store / "libraries" / "long", random_model).load("bees")[0]
-    direct = Session(random_model, memory=False)
+    direct = Session(random_model)
     direct.absorb(text)
     assert stored.state.tokens == direct.state.tokens and stored.state.documents == 1
     for n, s in direct.state.sums.items():
         assert torch.allclose(stored.state.sums[n], s, rtol=1e-4, atol=1e-4), n
+    assert stored.memory.tokens == direct.memory.tokens and stored.memory.documents == 1
+    blocks = [(c.document, c.offset, c.tokens) for c in stored.memory.chunks]
+    assert blocks == [(c.document, c.offset, c.tokens) for c in direct.memory.chunks]
 
 
 def test_a_bad_library_request_leaves_another_users_chat_alone(server, random_model, one):

@@ -195,6 +195,8 @@ class LibraryStore:
             "name": name,
             "entry_count": len(listed),
             "tokens": sum(e.tokens for e in listed),
+            "memory_tokens": sum(e.memory_tokens for e in listed),
+            "memory_bytes": sum(e.memory_bytes for e in listed),
         }
         if entries:
             info["entries"] = [entry_info(e) for e in listed]
@@ -213,8 +215,9 @@ class LibraryStore:
 
 
 def entry_info(entry) -> dict:
-    """An Entry as the API shows it."""
-    keys = ("name", "tokens", "chunks", "documents", "added")
+    """An Entry as the API shows it (memory_tokens and memory_bytes: its context memory's, 0 for
+    an entry added before entries kept one)."""
+    keys = ("name", "tokens", "chunks", "documents", "added", "memory_tokens", "memory_bytes")
     return {"object": "library.entry", **{k: getattr(entry, k) for k in keys}}
 
 
