@@ -1,6 +1,6 @@
 """What `make demo` runs: absorb a document into a session, then ask questions about it without
-the document in the prompt, and compare the session's state with the KV cache the same context
-would need.
+the document in the prompt (the session's context memory is read instead, docs/MEMORY.md), and
+compare the session's size with the KV cache the same context would need.
 
     .venv/bin/python examples/demo.py
 """
@@ -59,17 +59,22 @@ def main() -> None:
         f"  answer time          {answer_seconds:.1f} s for {len(QUESTIONS)} answers "
         f"(at most {MAX_NEW_TOKENS} new tokens each)"
     )
-    print(f"  session state        {session.nbytes:,} bytes (fixed, whatever is absorbed)")
+    print(f"  adapter state        {session.state.nbytes:,} bytes (fixed, whatever is absorbed)")
+    print(
+        f"  context memory       {session.memory_bytes:,} bytes for {session.memory_tokens} "
+        f"tokens ({model.memory_storage}; a turn reads at most {model.memory_budget})"
+    )
     print(
         f"  KV cache, same text  {kv:,} bytes "
         f"({model.base.config.num_hidden_layers} layers, {model.base.dtype})"
     )
-    print(f"  KV cache / state     {kv / session.nbytes:.1f}x")
+    print(f"  KV cache / session   {kv / session.nbytes:.1f}x")
     if not generator_is_trained(model):
         print(
-            "\nNote: the generator is untrained (B = 0), so the answers above are the base "
-            "model's own,\nwithout the document; they become grounded once a trained generator "
-            "is passed to\ngenadapter.load(generator=PATH)."
+            "\nNote: the answers come from the session's context memory (the document's own keys "
+            "and values,\nread as a prompt would read it). The generator is untrained (B = 0), so "
+            "the adapter half of the\nsession changes nothing yet; pass a trained one to "
+            "genadapter.load(generator=PATH)."
         )
 
 

@@ -14,6 +14,9 @@ measurements taken side by side in one process (same model, same inputs, alterna
    batch with no states, and with the reference delta.
 5. an adapter library: decode with top-k routing over many stored states against one bound state
    (bench_library.py; `genadapter bench --library` runs this part alone).
+6. the context memory: bytes per absorbed token (int8, float, a KV cache), decode per token and
+   time to first token with 512 / 2K / 8K / 32K memory tokens against prompting with a reused KV
+   cache of the same tokens and the bare model (bench_memory.py; `genadapter bench --memory`).
 
 Runs unchanged on CUDA (timings synchronize the device)."""
 
@@ -26,9 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-from .benchkit import Timing, bench_text, clock, kv_bytes, machine, timed_greedy
+from .benchkit import Timing, bench_text, clock, crop, kv_bytes, machine, timed_greedy
 from .generation import SamplingParams, generate_batch, generate_ids
 from .model import AdaptedModel
 from .state import AdapterState
@@ -48,11 +50,27 @@ class BenchSize:
     library_states: int = 128  # stored states routed over (part 5)
     library_k: int = 2  # documents mixed per token
     library_real_tokens: int = 128  # tokens absorbed per real state the stored ones are made from
+    # Part 6: memories of these absorbed tokens, plus the budget and 4x the budget (bench_memory)
+    memory_tokens: tuple[int, ...] = (512, 2048, 8192, 32768)
+    memory_budget: int | None = None  # tokens a turn reads (None: the model's)
+    memory_repeats: int = 3
 
 
 SIZES = {
     "default": BenchSize(8, 16, (512, 2048, 8192), (1, 8, 32), 16, 2),
-    "quick": BenchSize(2, 6, (128,), (1, 4), 4, 1, library_states=2, library_real_tokens=16),
+    "quick": BenchSize(
+        2,
+        6,
+        (128,),
+        (1, 4),
+        4,
+        1,
+        library_states=2,
+        library_real_tokens=16,
+        memory_tokens=(),
+        memory_budget=64,
+        memory_repeats=1,
+    ),
 }
 QUESTION = "Which company built the harbour crane, and in which year?"
 
@@ -61,13 +79,6 @@ def _chat_ids(model: AdaptedModel, context: str | None) -> list[int]:
     from .eval.runner import chat_ids, chat_message
 
     return chat_ids(model.tokenizer, chat_message(QUESTION, context))
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of a cache."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def _best(runs: list[float]) -> float:
@@ -81,7 +92,8 @@ def _best(runs: list[float]) -> float:
 def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
     n = model.chunk_tokens
     text = model.tokenizer.decode(bench_text(model, size.absorb_chunks * n))
-    # The very chunks absorb makes of the text, batched and right-padded as absorb does.
+    # The very chunks absorb makes of the text, each after the encoding prefix, batched and
+    # right-padded as absorb does: the ratio is the adapter sums' and memory's overhead.
     chunks = list(chunked(token_stream(model.tokenizer, text), n))
     batches = [
         _padded(model, chunks[i : i + model.chunk_batch])
@@ -105,6 +117,7 @@ def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
         "tokens": tokens,
         "forward_tokens": forward_tokens,
         "chunk_tokens": n,
+        "prefix_tokens": len(model.encoding_prefix),
         "chunk_batch": model.chunk_batch,
         "absorb_tokens_per_s": absorb_tps,
         "forward_tokens_per_s": forward_tps,
@@ -113,6 +126,7 @@ def bench_absorb(model: AdaptedModel, size: BenchSize) -> dict:
 
 
 def _padded(model: AdaptedModel, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = [model.encoding_prefix + c for c in chunks]
     width = max(map(len, chunks))
     ids = torch.full((len(chunks), width), model.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(chunks), width), dtype=torch.long)
@@ -196,7 +210,7 @@ def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -
         runs["prompt_cached"].append(
             timed_greedy(model, prompt_ids[prefix:], None, n, prefix_cache)
         )
-        _crop(prefix_cache, prefix)  # back to the shared prefix for the next question
+        crop(prefix_cache, prefix)  # back to the shared prefix for the next question
     out = {
         "context_tokens": len(ids),
         "prompt_tokens": len(prompt_ids),
@@ -204,7 +218,7 @@ def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -
         "reused_prefix_tokens": prefix,
         "absorb_seconds": absorb_s,
         "prefix_prefill_seconds": prefill_s,
-        "state_bytes": session.nbytes,
+        "state_bytes": session.state.nbytes,  # the adapter alone (part 6: the memory)
         "kv_cache_bytes": cached_kv,
     }
     for k, v in runs.items():
@@ -217,7 +231,7 @@ def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -
     out["decode_adapter_over_prompt"] = (
         out["adapter"]["decode_tokens_per_s"] / out["prompt"]["decode_tokens_per_s"]
     )
-    out["kv_over_state_bytes"] = cached_kv / session.nbytes
+    out["kv_over_state_bytes"] = cached_kv / session.state.nbytes
     return out
 
 
@@ -281,11 +295,12 @@ def bench_batch(model: AdaptedModel, size: BenchSize) -> list[dict]:
 def run_bench(
     model: AdaptedModel, size: str | BenchSize = "default", progress: bool = True
 ) -> dict:
-    """All five measurements; a JSON-ready dict."""
+    """All six measurements; a JSON-ready dict (part 6 only when the model keeps a memory)."""
     from .bench_library import bench_library_at
+    from .bench_memory import bench_memory_at
 
     size = SIZES[size] if isinstance(size, str) else size
-    steps = 4 + len(size.contexts)
+    steps = 5 + len(size.contexts)
     results = {
         "machine": machine(),
         "device": str(model.device),
@@ -308,6 +323,9 @@ def run_bench(
         results["batch"] = bench_batch(model, size)
         bar.update()
         results["library"] = bench_library_at(model, size)
+        bar.update()
+        if model.memory_storage is not None:
+            results["memory"] = bench_memory_at(model, size)
         bar.update()
     results["seconds"] = time.perf_counter() - start
     return results
@@ -371,4 +389,8 @@ def format_report(r: dict) -> str:
         from .bench_library import format_library
 
         lines += ["", *format_library(r["library"])]
+    if r.get("memory"):
+        from .bench_memory import format_memory
+
+        lines += ["", *format_memory(r["memory"])]
     return "\n".join(lines)

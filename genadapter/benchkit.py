@@ -1,6 +1,7 @@
-"""What every `genadapter bench` part shares (bench.py, bench_library.py): a clock that waits for
-the device, generated prose to measure on, greedy decoding timed token by token, KV-cache bytes,
-and the machine's description. Imports no other bench module, so the parts import it one way."""
+"""What every `genadapter bench` part shares (bench.py, bench_library.py, bench_memory.py): a
+clock that waits for the device, generated prose to measure on, greedy decoding timed token by
+token, KV-cache bytes and cropping, and the machine's description. Imports no other bench
+module, so the parts import it one way."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def kv_bytes(cache: DynamicCache) -> int:
         for t in (layer.keys, layer.values)
         if t is not None
     )
+
+
+def crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of a cache."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 @dataclass

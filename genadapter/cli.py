@@ -216,14 +216,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
     from .state import atomic_write
 
+    if args.library and args.memory:
+        raise UsageError("--library and --memory each run one part alone: give one of them")
     model = load_model(args, dtype=args.dtype)
     size = "quick" if args.quick else "default"
-    if args.library:  # part 5 alone: routing over an adapter library
-        from . import bench_library
+    if args.library or args.memory:  # part 5 (an adapter library) or 6 (context memory) alone
+        from . import bench_library, bench_memory
         from .bench import SIZES
 
-        results = bench_library.run(model, SIZES[size])
-        print(bench_library.format_report(results))
+        part = bench_library if args.library else bench_memory
+        results = part.run(model, SIZES[size])
+        print(part.format_report(results))
     else:
         results = run_bench(model, size)
         print(format_report(results))
@@ -400,6 +403,12 @@ def _add_bench(sub) -> None:
         action="store_true",
         help="only part 5: decode with top-2 routing over 128 stored states against one state "
         "(default: off, all parts)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="only part 6: context memory bytes per token, decode and time to first token with "
+        "512 / 2K / 8K / 32K memory tokens against prompting (default: off, all parts)",
     )
     p.add_argument(
         "--out",

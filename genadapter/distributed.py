@@ -115,7 +115,7 @@ class _Encoder:
             "chunk_batch": m.chunk_batch,
             "state_shapes": m.generator.state_shapes(),
             "memory_storage": m.memory_storage,
-            "memory_prefix_len": len(m.memory_prefix),
+            "memory_prefix_len": len(m.encoding_prefix),
             "memory_shape": m.memory_shape,
         }
 

@@ -75,7 +75,9 @@ PROJECTION_DIM = 64
 PROJECTION_SEED = 14
 # A prompt is cut to its first TEXT_TOKENS tokens before the probes (bounds the cost of a query).
 TEXT_TOKENS = 512
-LEXICAL_VERSION = "max-surprisal/1"
+# /2: every window is read after the model's encoding prefix (as absorbing reads it since the
+# context memory); entries with /1 embeddings count as having none (read_embedding).
+LEXICAL_VERSION = "max-surprisal/2"
 BEHAVIOUR_VERSION = hashlib.sha256(
     repr((PROBES, SEPARATOR, PROJECTION_DIM, PROJECTION_SEED, TEXT_TOKENS, "logp-c")).encode()
 ).hexdigest()[:16]
@@ -252,14 +254,17 @@ def lexical(model, documents) -> torch.Tensor:
     iterable of pieces as Session.absorb takes; a question is a list of one str): (vocab,)
     float32 of norm 1, each token id's largest surprisal over all of them (module docstring).
     The base alone reads them (no state) in the model's chunks (chunk_tokens), one per forward,
-    as absorbing reads a document, so a question and a stored document are embedded alike.
+    each after the model's encoding prefix, as absorbing reads a document, so a question and a
+    stored document are embedded alike.
 
     Raises DocumentError for an empty or non-text document."""
     bag = LexicalBag(model)
+    prefix = model.encoding_prefix
+    p = len(prefix)
     with model.bind_states(None):
         for document in documents:
             for chunk in model.chunks(document):
-                ids = torch.tensor([chunk], device=model.device)
+                ids = torch.tensor([prefix + chunk], device=model.device)
                 hidden = model.base.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                bag.add(ids, torch.ones_like(ids), hidden)
+                bag.add(ids[:, p:], torch.ones_like(ids[:, p:]), hidden[:, p:])
     return bag.vector()

@@ -63,9 +63,13 @@ class AdaptedModel:
         self.base_fingerprint = base.fingerprint
         self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.generator_fingerprint = generator.fingerprint()
+        # Every chunk is encoded after this prefix (the chat header up to the user's content,
+        # memory.py), memory or not, so a chunk's adapter sums do not depend on the storage.
+        self.encoding_prefix = encoding_prefix(self.tokenizer)
         self.chunk_tokens = chunk_tokens or generator.config.chunk_tokens
-        if not 0 < self.chunk_tokens <= self.max_positions:
-            raise ValueError(f"chunk_tokens must be in 1..{self.max_positions}")
+        longest = self.max_positions - len(self.encoding_prefix)
+        if not 0 < self.chunk_tokens <= longest:
+            raise ValueError(f"chunk_tokens must be in 1..{longest} (the window less the prefix)")
         self.chunk_batch = chunk_batch
         self.binding: Binding = inject(self.base, generator)
         # No-grad forwards under bound states take the folded / batched delta (layers.py); False
@@ -75,9 +79,8 @@ class AdaptedModel:
         if memory not in (None, *STORAGES):
             raise ValueError(f"memory must be None or one of {STORAGES}, got {memory!r}")
         # The context memory (memory.py): how absorbed chunks' keys and values are stored (None:
-        # sessions keep no memory), the prefix chunks are encoded after, and the reading policy.
+        # sessions keep no memory) and the reading policy.
         self.memory_storage = memory
-        self.memory_prefix = encoding_prefix(self.tokenizer) if memory else []
         self.memory_budget = DEFAULT_BUDGET
         self.memory_block = DEFAULT_BLOCK
         self.memory_threshold = DEFAULT_THRESHOLD
@@ -105,7 +108,7 @@ class AdaptedModel:
         """An empty context memory for this model, or None when the model keeps none."""
         if self.memory_storage is None:
             return None
-        return ContextMemory(len(self.memory_prefix), self.memory_storage)
+        return ContextMemory(len(self.encoding_prefix), self.memory_storage)
 
     @property
     def memory_shape(self) -> tuple[int, int, int]:
@@ -156,9 +159,9 @@ class AdaptedModel:
         """Sum of the states of token chunks, each encoded independently by the frozen base.
 
         Chunks run chunk_batch at a time; only the hidden states entering each adapted layer are
-        used, folded at once into K^T V sums, so memory is bounded by one chunk batch. With
-        `memory`, each chunk is encoded after the model's memory prefix (whose tokens enter no
-        sum) and its keys and values are appended to `memory` (document 0)."""
+        used, folded at once into K^T V sums, so memory is bounded by one chunk batch. Each chunk
+        is encoded after the model's encoding_prefix (whose tokens enter no sum); with `memory`,
+        its keys and values are also appended to `memory` (document 0)."""
         state = self.new_state()
         batch: list[list[int]] = []
         with tqdm(desc="absorbing", unit="tok", disable=not progress, leave=False) as bar:
@@ -178,7 +181,7 @@ class AdaptedModel:
     def _encode_batch(
         self, chunks: list[list[int]], state: AdapterState, memory: ContextMemory | None = None
     ) -> None:
-        prefix = self.memory_prefix if memory is not None else []
+        prefix = self.encoding_prefix
         p = len(prefix)
         if p + max(map(len, chunks)) > self.max_positions:
             raise ValueError(f"a chunk after the memory prefix must fit {self.max_positions}")
@@ -223,7 +226,7 @@ class AdaptedModel:
     def _keep_memory(self, memory: ContextMemory, chunks, cache, hidden: torch.Tensor) -> None:
         """Append each chunk's keys and values (from the pass's KV cache, minus the prefix) and
         its lexical bag (the base's surprisal at each of its tokens) to `memory`."""
-        p = len(self.memory_prefix)
+        p = len(self.encoding_prefix)
         keys = torch.stack([layer.keys for layer in cache.layers], 1)  # (b, L, H, t, D)
         values = torch.stack([layer.values for layer in cache.layers], 1)
         head = self.base.get_output_embeddings()
@@ -357,8 +360,9 @@ def load(
         gen = Generator.from_pretrained(Path(generator), loaded.fingerprint)
     else:
         log.warning(
-            "No trained generator for this base: using a fresh one whose B is zero, so every "
-            "session answers exactly like the base model. Pass generator=PATH to use a trained one."
+            "No trained generator for this base: using a fresh one whose B is zero, so a "
+            "session's adapter state changes nothing (its context memory still reads what it "
+            "absorbed). Pass generator=PATH to use a trained one."
         )
         gen = Generator.for_base(loaded.model, GeneratorConfig())
     return AdaptedModel(

@@ -132,7 +132,7 @@ class Session:
     def text_layout(self, ids: list[int], query: str | None, reserve: int = 0) -> Layout:
         """Raw text `ids` after the memory (what it reads for `query`), itself after the prefix
         its chunks were encoded after; `reserve` tokens of the window are kept free."""
-        header = self.model.memory_prefix
+        header = self.model.encoding_prefix
         room = self.model.max_positions - len(header) - len(ids) - reserve
         read = self.read(query, len(header), min(self.model.memory_budget, room))
         return Layout(header, read, ids) if read is not None else Layout([], None, ids)
@@ -311,6 +311,6 @@ class Session:
             )
         except (MemoryFormatError, KeyError, TypeError, ValueError) as e:
             raise CorruptStateError(f"{path}: {e}") from e
-        if memory.prefix_len != len(model.memory_prefix) and not memory.is_empty:
+        if memory.prefix_len != len(model.encoding_prefix) and not memory.is_empty:
             raise IncompatibleStateError(f"{path}: its memory was encoded after another prefix")
         return memory

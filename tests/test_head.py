@@ -39,23 +39,26 @@ def head_model(request):
 
 
 def reference_state(model: AdaptedModel, text: str) -> tuple[torch.Tensor, int]:
-    """sum over chunks and positions j of w_j k_j v_{j+1}^T, one chunk at a time, in float64;
+    """sum over chunks and positions j of w_j k_j v_{j+1}^T, one chunk at a time (each after the
+    model's encoding prefix), in float64;
     w_j = sigmoid(gain (s_j - shift)) with s_j = -log p_base(token j+1) for a weighted head;
     k_j gains Wt e(t_j) with token keys; v_j gains Wu sum_{|i-j|<=m} w_i e(t_{i+1}) / (2m+1)
     with a window."""
     head, base = model.generator.head, model.base
     ids = model.tokenizer.encode(text, add_special_tokens=False)
+    prefix = model.encoding_prefix  # every chunk is encoded after it; its tokens enter no sum
+    p = len(prefix)
     S = torch.zeros(head.config.r1, head.config.r2, dtype=torch.float64)
     for i in range(0, len(ids), TEST_CHUNK):
         chunk = torch.tensor([ids[i : i + TEST_CHUNK]])
         with torch.no_grad():
-            out = base.model(chunk, output_hidden_states=True)
+            out = base.model(torch.tensor([prefix + chunk[0].tolist()]), output_hidden_states=True)
         layer = head.config.key_layer
-        h = (out.last_hidden_state if layer is None else out.hidden_states[layer])[0].double()
+        h = (out.last_hidden_state if layer is None else out.hidden_states[layer])[0, p:].double()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + head.eps) * head.norm.double()
         e = base.get_input_embeddings().weight[chunk[0]].double()
         E = base.get_output_embeddings().weight.double()
-        logp = (out.last_hidden_state[0].double() @ E.T).log_softmax(-1)
+        logp = (out.last_hidden_state[0, p:].double() @ E.T).log_softmax(-1)
         n = len(chunk[0]) - 1
         w = torch.ones(n, dtype=torch.float64)
         if head.config.weight == "surprisal":

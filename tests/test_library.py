@@ -9,6 +9,7 @@ import torch
 from genadapter.layers import routed_linear
 from genadapter.library import MANIFEST, Library, MissingEmbeddingError
 from genadapter.routing import Routes, mixed_down, route, standardize
+from genadapter.session import Session
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
 from .conftest import DOCUMENT, TEST_CHUNK
@@ -81,7 +82,7 @@ def test_add_list_remove_round_trip(random_model, tmp_path):
 def test_one_entry_routes_exactly_like_its_session(random_model, tmp_path):
     lib = Library.create(tmp_path / "one", random_model)
     lib.add("rail", DOCUMENT)
-    session = random_model.session()
+    session = Session(random_model, memory=False)  # routing mixes adapter states alone
     session.absorb(DOCUMENT)
     ids = _ids(random_model)
     want = random_model.logits(ids, [session.state])
@@ -299,15 +300,17 @@ def test_an_entry_absorbed_in_steps_equals_one_added_whole(random_model, built, 
 
 
 def _lexical_reference(model, text: str) -> torch.Tensor:
-    """The text read chunk by chunk (the model's chunk_tokens) by the transformers model: each
-    token id's largest surprisal (a chunk's first token gets the mean of the chunk's others),
-    scaled to norm 1."""
+    """The text read chunk by chunk (the model's chunk_tokens, each after its encoding prefix) by
+    the transformers model: each token id's largest surprisal (a chunk's first token gets the
+    mean of the chunk's others), scaled to norm 1."""
     ids = model.tokenizer.encode(text, add_special_tokens=False)
+    prefix = model.encoding_prefix
     bag = torch.zeros(model.base.config.vocab_size)
     for at in range(0, len(ids), model.chunk_tokens):
         chunk = torch.tensor(ids[at : at + model.chunk_tokens])
         with model.bind_states(None), torch.no_grad():
-            logits = model.base(input_ids=chunk[None]).logits[0, :-1].float()
+            read = torch.tensor([prefix + chunk.tolist()])
+            logits = model.base(input_ids=read).logits[0, len(prefix) : -1].float()
         s = -torch.log_softmax(logits, -1)[torch.arange(len(chunk) - 1), chunk[1:]]
         for i, w in zip(chunk.tolist(), [s.mean().item(), *s.tolist()]):
             bag[i] = max(bag[i].item(), w)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from genadapter.session import Session
 from genadapter.text import chunked, token_stream
 
 from .conftest import DOCUMENT, TEST_CHUNK
@@ -96,15 +97,17 @@ def test_context_changes_only_its_own_sequence(random_model):
     assert (batch[3] - empty[3]).abs().max().item() <= 1e-5
 
 
-def test_nbytes_is_independent_of_context_length(random_model):
+def test_state_bytes_are_independent_of_context_length(random_model):
     s = random_model.session()
-    before = s.nbytes
+    before = s.state.nbytes
     s.absorb("A short note.")
-    short = s.nbytes
+    short, memory = s.state.nbytes, s.memory_bytes
     s.absorb(DOCUMENT * 4)
-    assert before == short == s.nbytes == s.state.nbytes
+    assert before == short == s.state.nbytes
     shapes = random_model.generator.state_shapes()
-    assert s.nbytes == sum(r1 * r2 * 4 for r1, r2 in shapes.values())
+    assert s.state.nbytes == sum(r1 * r2 * 4 for r1, r2 in shapes.values())
+    # The session's bytes add the context memory, which grows with what was absorbed.
+    assert s.nbytes == s.state.nbytes + s.memory_bytes and s.memory_bytes > memory > 0
 
 
 def test_greedy_generate_matches_transformers_generate(model, reference):
@@ -152,7 +155,7 @@ def test_chat_answers_and_keeps_turns(model):
 
 def test_score_matches_manual_negative_log_likelihood(random_model):
     m = random_model
-    s = m.session()
+    s = Session(m, memory=False)  # the adapter state alone (test_context_memory: the memory)
     s.absorb(DOCUMENT)
     prefix, text = "The chief engineer was", " Agathe Lindqvist, who designed a brake."
     p = m.tokenizer.encode(prefix, add_special_tokens=False)

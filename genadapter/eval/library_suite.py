@@ -6,9 +6,10 @@
 * adapter     that document's own state alone: the oracle, which knows which document is meant;
 * sum         the summed state of all N documents (AdapterState.add_: as if one session had
               absorbed them all);
-* routed k=K  the library's routed session (Library.session(K)): each token, at each adapted
-              layer, mixes its top-K documents by the closed-form gates (PHATGOOSE, Muqeeth et
-              al., arXiv 2402.05859; routing.py).
+* routed k=K  the library's routed session (Library.session(K, memory=False): the states
+              alone, no entry's memory): each token, at each adapted layer, mixes its top-K
+              documents by the closed-form gates (PHATGOOSE, Muqeeth et al., arXiv 2402.05859;
+              routing.py).
 
 Documents: corpus documents as the completion suite picks them (the split's documents of the
 installed corpora, round robin, in an order fixed by the seed), cut to `library_context` tokens
@@ -148,7 +149,7 @@ def _evaluate(model, library: Library, docs, limits: Limits, absorb_seconds: flo
     summed = model.new_state()
     for d in docs:
         summed.add_(library.load(d.name)[0].state)
-    routed = {k: library.session(k) for k in ROUTED_K}
+    routed = {k: library.session(k, memory=False) for k in ROUTED_K}
     nll = {c: 0.0 for c in CONDITIONS}
     qa = {c: dict.fromkeys(QA_METRICS, 0.0) for c in CONDITIONS}
     seconds = {kind: dict.fromkeys(CONDITIONS, 0.0) for kind in ("corpus", "qa")}

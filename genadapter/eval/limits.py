@@ -36,6 +36,9 @@ class Limits:
     library_target: int = 128  # tokens of its continuation scored
     library_queries: int = 16  # documents per size scored under every condition
     library_new_tokens: int = 24  # answer tokens (QA) and tokens decoded for the timing
+    # The beyond suite (eval/memory_suites.py): the window its stream is 3x of and prompting
+    # keeps (None: the model's own; tiny uses a smaller one so tests stay fast).
+    beyond_window: int | None = None
 
 
 LIMITS = {
@@ -46,6 +49,7 @@ LIMITS = {
         library_target=12,
         library_queries=2,
         library_new_tokens=2,
+        beyond_window=512,
     ),
     "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
     "full": Limits(

@@ -3,9 +3,10 @@
 * manydocs  documents of the qa suite absorbed eight to a session, each by its own `absorb`:
             the memory with all eight (memory 8) against a session of the question's document
             alone (memory), and prompting with the eight (prompt 8) against the one (prompt).
-* beyond    one stream of generated documents three times the window long, absorbed one
-            document per call; questions about documents in its first third, which prompting
-            (keeping the most recent text that fits) cannot see. memory 1 is the one-document
+* beyond    one stream of generated documents three times the window long (the model's, or
+            the limit's beyond_window), absorbed one document per call; questions about
+            documents in its first third, which prompting (keeping the most recent text that
+            fits) cannot see. memory 1 is the one-document
             reference: a session of the question's document alone."""
 
 from __future__ import annotations
@@ -94,14 +95,15 @@ def suite_manydocs(model, limits: Limits, seed: int, split: str, progress: bool)
 
 def suite_beyond(model, limits: Limits, seed: int, split: str, progress: bool) -> list[dict]:
     scorer = _scorer(limits)
-    length = 3 * model.max_positions
+    window = limits.beyond_window or model.max_positions
+    length = 3 * window
     count = lambda text: len(model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     wanted = max(2, 4 * limits.longqa_questions)
     # Questions are drawn at random places; keep those whose document is in the first third.
     example = long_example(length, 6 * wanted, _seed(seed, split), count)
     early = [q for q in example.questions if q.info["tokens_after"] >= 2 * length // 3][:wanted]
     methods = ["base", "prompt", "memory", "memory 1"]
-    tally, budget = Tally(methods), model.max_positions - scorer.max_new_tokens
+    tally, budget = Tally(methods), window - scorer.max_new_tokens
     start = time.perf_counter()
     absorbed = Session(model)
     for document in tqdm(example.documents, desc="beyond: absorbing", disable=not progress):
@@ -131,5 +133,5 @@ def suite_beyond(model, limits: Limits, seed: int, split: str, progress: bool) -
         tally.summary({"memory": {"absorb_seconds": absorb_seconds}}),
         tally.records,
     )
-    out["context_tokens"] = absorbed.tokens
+    out["context_tokens"], out["window"] = absorbed.tokens, window
     return [out]
