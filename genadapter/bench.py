@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .benchkit import Timing, bench_text, clock, crop, kv_bytes, machine, timed_greedy
+from .benchkit import Timing, bench_text, clock, crop, header, kv_bytes, timed_greedy
 from .generation import SamplingParams, generate_batch, generate_ids
 from .model import AdaptedModel
 from .state import AdapterState
@@ -301,14 +301,7 @@ def run_bench(
 
     size = SIZES[size] if isinstance(size, str) else size
     steps = 5 + len(size.contexts)
-    results = {
-        "machine": machine(),
-        "device": str(model.device),
-        "dtype": str(model.base.dtype).removeprefix("torch."),
-        "base": model.base_name,
-        "generator": model.generator_fingerprint,
-        "size": asdict(size),
-    }
+    results = {**header(model), "size": asdict(size)}
     start = time.perf_counter()
     with tqdm(total=steps, desc="bench", unit="part", disable=not progress) as bar:
         results["absorb"] = bench_absorb(model, size)

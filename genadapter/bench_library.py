@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .benchkit import bench_text, machine, timed_greedy
+from .benchkit import bench_text, header, part_report, timed_greedy
 from .embedding import encode_with_means
 from .layers import bound
 from .model import AdaptedModel
@@ -169,21 +169,9 @@ def bench_library_at(model: AdaptedModel, s) -> dict:
 def run(model: AdaptedModel, s) -> dict:
     """Part 5 alone (`genadapter bench --library`) at a bench.BenchSize `s`, with the same header
     fields as bench.run_bench; JSON-ready."""
-    return {
-        "machine": machine(),
-        "device": str(model.device),
-        "dtype": str(model.base.dtype).removeprefix("torch."),
-        "base": model.base_name,
-        "generator": model.generator_fingerprint,
-        "library": bench_library_at(model, s),
-    }
+    return {**header(model), "library": bench_library_at(model, s)}
 
 
 def format_report(r: dict) -> str:
     """The report of `run`: a header line and part 5's lines."""
-    lib = r["library"]
-    head = (
-        f"genadapter bench --library on {r['device']} ({r['machine']['cpu']}, {r['dtype']}), "
-        f"{lib['seconds']:.0f} s"
-    )
-    return "\n".join([head, "", *format_library(lib)])
+    return part_report(r, "library", format_library(r["library"]))

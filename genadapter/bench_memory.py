@@ -26,7 +26,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .benchkit import Timing, bench_text, clock, crop, machine, timed_greedy
+from .benchkit import Timing, bench_text, clock, crop, header, part_report, timed_greedy
 from .eval.prompts import chat_ids, chat_message
 from .generation import cache_kwargs, prefill
 from .memory import STORAGES, ContextMemory
@@ -277,21 +277,9 @@ def format_memory(r: dict) -> list[str]:
 def run(model: AdaptedModel, s) -> dict:
     """Part 6 alone (`genadapter bench --memory`) at a bench.BenchSize `s`, with the same header
     fields as bench.run_bench; JSON-ready."""
-    return {
-        "machine": machine(),
-        "device": str(model.device),
-        "dtype": str(model.base.dtype).removeprefix("torch."),
-        "base": model.base_name,
-        "generator": model.generator_fingerprint,
-        "memory": bench_memory_at(model, s),
-    }
+    return {**header(model), "memory": bench_memory_at(model, s)}
 
 
 def format_report(r: dict) -> str:
     """The report of `run`: a header line and part 6's lines."""
-    mem = r["memory"]
-    head = (
-        f"genadapter bench --memory on {r['device']} ({r['machine']['cpu']}, {r['dtype']}), "
-        f"{mem['seconds']:.0f} s"
-    )
-    return "\n".join([head, "", *format_memory(mem)])
+    return part_report(r, "memory", format_memory(r["memory"]))

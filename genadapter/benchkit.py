@@ -125,3 +125,23 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def header(model) -> dict:
+    """The fields every bench result starts with: the machine, device, dtype, base, generator."""
+    return {
+        "machine": machine(),
+        "device": str(model.device),
+        "dtype": str(model.base.dtype).removeprefix("torch."),
+        "base": model.base_name,
+        "generator": model.generator_fingerprint,
+    }
+
+
+def part_report(r: dict, key: str, lines: list[str]) -> str:
+    """The report of one part run alone (`genadapter bench --KEY`): a header line, then `lines`."""
+    head = (
+        f"genadapter bench --{key} on {r['device']} ({r['machine']['cpu']}, {r['dtype']}), "
+        f"{r[key]['seconds']:.0f} s"
+    )
+    return "\n".join([head, "", *lines])

@@ -126,8 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results["config"]["limit"] = args.limit
     results["config"]["seconds"] = time.perf_counter() - start
     out = Path(args.out)
+    saved = write_json(results, out / "results.json")  # first: nothing computed is lost
     print(format_table(results))
-    paths = [write_json(results, out / "results.json"), *write_charts(results, out)]
+    paths = [saved, *write_charts(results, out)]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

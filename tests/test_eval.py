@@ -23,6 +23,7 @@ from genadapter.eval.demonstrations import icl_examples
 from genadapter.eval.fictional import long_example, qa_examples
 from genadapter.eval.library_suite import CONDITIONS
 from genadapter.eval.persona import persona_examples
+from genadapter.eval.report import format_table, write_charts
 from genadapter.eval.runner import (
     LIMITS,
     QA_INSTRUCTION,
@@ -191,7 +192,7 @@ def tiny_results(untrained_model):
     return run_suites(untrained_model, SUITES, limit="tiny", seed=0, progress=False)
 
 
-def test_every_suite_runs_on_a_tiny_limit(tiny_results):
+def test_every_suite_runs_on_a_tiny_limit(tiny_results, tmp_path):
     assert set(tiny_results["suites"]) == set(SUITES)
     for rows in tiny_results["suites"].values():
         for row in rows:
@@ -206,6 +207,10 @@ def test_every_suite_runs_on_a_tiny_limit(tiny_results):
                         assert value >= 1.0
                     else:  # scores in [0, 1]; the vocab suite's term NLL is lower-is-better
                         assert 0.0 <= value <= 1.0 if row["higher_is_better"] else value >= 0.0
+    # The table and the charts take every suite's rows (memory suites have no adapter column).
+    table = format_table(tiny_results)
+    assert all(f"\n{suite}" in table or table.startswith(suite) for suite in ("manydocs", "beyond"))
+    assert len(write_charts(tiny_results, tmp_path)) >= len(SUITES)
     assert "sft" in tiny_results["suites"]["qa"][0]["methods"]
     sft = tiny_results["suites"]["qa"][0]["methods"]["sft"]
     assert sft["steps"] == LIMITS["tiny"].sft_steps and sft["train_seconds"] > 0

@@ -39,6 +39,7 @@ class Limits:
     # The beyond suite (eval/memory_suites.py): the window its stream is 3x of and prompting
     # keeps (None: the model's own; tiny uses a smaller one so tests stay fast).
     beyond_window: int | None = None
+    beyond_questions: int = 8  # about documents in the stream's first third
 
 
 LIMITS = {
@@ -50,6 +51,7 @@ LIMITS = {
         library_queries=2,
         library_new_tokens=2,
         beyond_window=512,
+        beyond_questions=2,
     ),
     "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
     "full": Limits(
@@ -58,6 +60,7 @@ LIMITS = {
         library_target=256,
         library_queries=48,
         library_new_tokens=32,
+        beyond_questions=40,
     ),
 }
 
@@ -82,6 +85,7 @@ def resolve_limits(limit: str | int | Limits) -> Limits:
             closedbook_questions=limit,
             vocab_glossaries=max(2, limit),
             library_queries=limit,
+            beyond_questions=max(2, 4 * limit),
         )
     if limit not in LIMITS:
         raise ValueError(f"unknown limit {limit!r}; use one of {', '.join(LIMITS)} or a number")

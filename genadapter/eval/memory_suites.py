@@ -98,7 +98,7 @@ def suite_beyond(model, limits: Limits, seed: int, split: str, progress: bool) -
     window = limits.beyond_window or model.max_positions
     length = 3 * window
     count = lambda text: len(model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    wanted = max(2, 4 * limits.longqa_questions)
+    wanted = limits.beyond_questions
     # Questions are drawn at random places; keep those whose document is in the first third.
     example = long_example(length, 6 * wanted, _seed(seed, split), count)
     early = [q for q in example.questions if q.info["tokens_after"] >= 2 * length // 3][:wanted]

@@ -25,6 +25,13 @@ def _cell(value) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
+def _seconds(method: dict | None) -> str:
+    """A method's seconds, absorbing included ('' for a suite without that method)."""
+    if method is None:
+        return ""
+    return _cell(method["seconds"] + method.get("absorb_seconds", 0))
+
+
 def format_table(results: dict) -> str:
     """One line per suite row and metric; 'recovered' = (adapter - base) / (prompt - base). Under
     the tables, notes: SFT's training, and each row's own "notes" lines when it has some."""
@@ -41,8 +48,8 @@ def format_table(results: dict) -> str:
                         str(row["n"]),
                         *(_cell(m[k][metric]) if k in m else "" for k in METHOD_ORDER),
                         _cell(row["recovered"].get(metric)),
-                        _cell(m["adapter"]["seconds"] + m["adapter"].get("absorb_seconds", 0)),
-                        _cell(m["prompt"]["seconds"]),
+                        _seconds(m.get("adapter")),
+                        _seconds(m.get("prompt")),
                     ]
                 )
     text = _align(lines)
