@@ -6,8 +6,8 @@
 * beyond    one stream of generated documents three times the window long (the model's, or
             the limit's beyond_window), absorbed one document per call; questions about
             documents in its first third, which prompting (keeping the most recent text that
-            fits) cannot see. memory 1 is the one-document
-            reference: a session of the question's document alone."""
+            fits) cannot see. memory 1 is the one-document reference: a session of the
+            question's document alone."""
 
 from __future__ import annotations
 
