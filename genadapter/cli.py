@@ -35,13 +35,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _EvalFormatter(_Formatter):
-    """Names the evaluation suites in `eval --help`. They are imported only when that help is
-    shown: the harness imports torch, and `genadapter --help` must stay quick."""
+    """Names the evaluation suites in `eval --help`, from eval/limits.py (which imports no torch),
+    only when that help is shown."""
 
     def _expand_help(self, action: argparse.Action) -> str:
         text = super()._expand_help(action)
         if SUITES_PLACEHOLDER in text:
-            from .eval.runner import SUITES
+            from .eval.limits import SUITES
 
             text = text.replace(SUITES_PLACEHOLDER, ", ".join(SUITES))
         return text
@@ -108,8 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .eval.report import format_table, write_charts, write_json
-    from .eval.runner import SUITES, resolve_limits, run_suites
+    from .eval.limits import SUITES, resolve_limits
 
     asked = args.suite or ["all"]
     for suite in asked:
@@ -120,6 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limits = resolve_limits(args.limit)
     except ValueError as e:
         raise UsageError(f"--limit {args.limit}: {e}") from None
+    from .eval.report import format_table, write_charts, write_json  # torch: after the checks
+    from .eval.runner import run_suites
+
     model = load_model(args)
     start = time.perf_counter()
     results = run_suites(model, suites, limits, args.seed, args.split)

@@ -116,9 +116,12 @@ def test_library_create_add_list_search_remove_round_trip(server):
 
 
 def test_routed_chat_over_one_entry_is_that_entrys_session(server, random_model, one):
+    # Its state, and its context memory read as the entry's own session reads it.
     messages = ask("What do the workers do?")
     session, _ = one.load("bees")
-    expected = reference_answer(random_model, session.state, messages, 4)
+    assert session.chat_layout(messages, 4).read is not None  # the question reads the memory
+    expected = reference_answer(random_model, session, messages, 4)
+    assert expected != reference_answer(random_model, session.state, messages, 4)
     body = {"messages": messages, "library": "one", "max_tokens": 4, "temperature": 0}
     r = server.http.post(CHAT, json=body)
     assert r.status_code == 200, r.text

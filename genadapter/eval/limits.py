@@ -1,12 +1,26 @@
 """How much of each evaluation suite runs: the presets of `--limit` (tiny, small, full) and a
 number's meaning (that many documents / users / questions per suite, with small's other
-settings). Tests run every suite at `tiny`, so tiny stays a few seconds per suite."""
+settings). Tests run every suite at `tiny`, so tiny stays a few seconds per suite. Imports nothing
+heavy: the command line checks `--suite` and `--limit` against it before torch loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .vocab import LORA_MERGES
+# The suites of `genadapter eval`, in the order they run (eval/runner.py's SUITE_FUNCTIONS).
+SUITES = (
+    "completion",
+    "qa",
+    "longqa",
+    "icl",
+    "persona",
+    "closedbook",
+    "vocab",
+    "library",
+    "manydocs",
+    "beyond",
+)
+LORA_MERGES = ("mean", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # the vocab suite's
 
 
 @dataclass(frozen=True)
@@ -44,14 +58,15 @@ class Limits:
 
 LIMITS = {
     "tiny": Limits(
-        *(2, 128, 32, 2, 2, 2, (512,), 1, 4, 2, 1, 2, 8, 2, 2, 1, ("ties",)),
+        # tiny is what the tests run: every suite and method once, not a measurement
+        *(2, 128, 32, 2, 1, 2, (512,), 1, 4, 1, 1, 2, 8, 2, 2, 1, ("ties",)),
         library_sizes=(2,),
         library_context=32,
         library_target=12,
         library_queries=2,
         library_new_tokens=2,
         beyond_window=512,
-        beyond_questions=2,
+        beyond_questions=1,
     ),
     "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
     "full": Limits(

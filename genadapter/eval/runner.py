@@ -32,7 +32,7 @@ from .data import Example
 from .demonstrations import icl_examples
 from .fictional import long_example, qa_examples
 from .library_suite import suite_library
-from .limits import LIMITS, Limits, resolve_limits  # noqa: F401 (re-exported)
+from .limits import LIMITS, SUITES, Limits, resolve_limits  # noqa: F401 (re-exported)
 from .memory_suites import suite_beyond, suite_manydocs
 from .persona import persona_examples
 from .prompts import (
@@ -47,18 +47,6 @@ from .vocab import vocab_rows
 
 log = logging.getLogger(__name__)
 
-SUITES = (
-    "completion",
-    "qa",
-    "longqa",
-    "icl",
-    "persona",
-    "closedbook",
-    "vocab",
-    "library",
-    "manydocs",
-    "beyond",
-)
 METHODS = ("base", "prompt", "adapter", "memory", "memory+adapter", "sft")
 
 

@@ -34,7 +34,6 @@ from .glossary import Glossary, Term, glossaries
 
 log = logging.getLogger(__name__)
 
-LORA_MERGES = ("mean", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # the methods
 STATE_MERGES = ("ties", "dare_linear")
 DENSITY = 0.5
 BATCH = 8  # sequences per scoring forward

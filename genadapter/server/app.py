@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 
+from ..memory_read import Layout
 from ..model import AdaptedModel
 from . import documents
 from .chat import Completion, GenerationFailed, stream_events, whole_text
@@ -183,13 +184,13 @@ def create_app(
 
     # -- chat --
 
-    async def chat_library(body: ChatRequest) -> tuple[dict | None, str | None]:
-        """The routes of a chat over a library (None: no `library` given) and the library's
-        name. 400 when the request also names a session, 404 for an unknown library or model."""
+    async def chat_library(body: ChatRequest) -> tuple[str | None, int]:
+        """The library a chat is routed over (None: no `library` given) and its k. 400 when the
+        request also names a session, 404 for an unknown model."""
         if body.library is None:
             if body.library_k is not None:
                 raise ApiError(422, "library_k: needs library", "invalid_body", "library_k")
-            return None, None
+            return None, 0
         clash = "session_id" if body.session_id is not None else None
         if clash is None and not is_base(body.model):
             try:
@@ -202,9 +203,7 @@ def create_app(
         if clash is not None:
             message = f"give a library or a session, not both ({clash} names a session)"
             raise ApiError(400, message, "library_and_session", clash)
-        k = DEFAULT_K if body.library_k is None else body.library_k
-        check_capacity()  # before the routes' loads and folds, which run in the model thread
-        return await in_thread(libraries.routes, body.library, k), body.library
+        return body.library, DEFAULT_K if body.library_k is None else body.library_k
 
     async def chat_session(body: ChatRequest) -> tuple[str | None, str]:
         """The session a chat runs under (None: the base model), and the model name to echo."""
@@ -246,33 +245,48 @@ def create_app(
             return min(room, config.default_max_tokens or room)
         return wanted
 
-    async def read_memory(session, messages, body: ChatRequest, ids: list[int], length: int):
-        """(prompt, answer length) of a chat on a session with a memory: the Layout of what
-        its last message reads, with room left for the answer (max_tokens; without it, the
-        default cap or one token, and then the answer gets what the memory leaves)."""
-        if not any(m["role"] == "user" for m in messages):
-            return ids, length  # no question to read for, and no user message to lay it out in
-        wanted = body.wanted_tokens()
-        reserve = length if wanted is not None else min(length, config.default_max_tokens or 1)
-        check_capacity()
-        layout = await asyncio.wrap_future(
-            worker.call(lambda: session.chat_layout(messages, reserve))
-        )
-        if layout.read is None:
+    def answer_reserve(body: ChatRequest, length: int) -> int:
+        """Tokens of the window a memory read leaves for the answer: max_tokens; without it,
+        the default cap or one token (the answer then gets what the memory leaves)."""
+        if body.wanted_tokens() is not None:
+            return length
+        return min(length, config.default_max_tokens or 1)
+
+    def with_read(layout: Layout | None, body: ChatRequest, ids: list[int], length: int):
+        """(prompt, answer length): the Layout of a memory read (None or nothing read: the
+        plain ids), the answer without max_tokens getting the room the layout leaves."""
+        if layout is None or layout.read is None:
             return ids, length
-        if wanted is None:
+        if body.wanted_tokens() is None:
             room = model.max_positions - len(layout)
             length = min(room, config.default_max_tokens or room)
         return layout, length
 
+    async def read_memory(session, messages, body: ChatRequest, ids: list[int], length: int):
+        """(prompt, answer length) of a chat on a session with a memory: the Layout of what
+        its last message reads."""
+        if not any(m["role"] == "user" for m in messages):
+            return ids, length  # no question to read for, and no user message to lay it out in
+        reserve = answer_reserve(body, length)
+        check_capacity()
+        layout = await asyncio.wrap_future(
+            worker.call(lambda: session.chat_layout(messages, reserve))
+        )
+        return with_read(layout, body, ids, length)
+
     @api.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        routes, library = await chat_library(body)
-        session_id, echoed = (None, model_name) if routes is not None else await chat_session(body)
+        library, k = await chat_library(body)
+        session_id, echoed = (None, model_name) if library is not None else await chat_session(body)
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
         prompt = await in_thread(template, messages)
         params, adjust = body.sampling(answer_length(body, prompt), worker.vocab_size)
-        state = None
+        state, routes = None, None
+        if library is not None:
+            check_capacity()  # before the routes' loads and folds, which run in the model thread
+            reserve = answer_reserve(body, params.max_new_tokens)
+            routes, layout = await in_thread(libraries.chat, library, k, messages, reserve)
+            prompt, params.max_new_tokens = with_read(layout, body, prompt, params.max_new_tokens)
         with store.pinned(session_id):  # not spilled while its memory is being read
             if session_id is not None:
                 session = await in_thread(store.session, session_id)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..embedding import check_kind
 from ..library import MANIFEST, EntryDraft, Library, MissingEmbeddingError, NoEntryError
 from ..library_entry import NAME_RE as ENTRY_NAME
+from ..memory_read import Layout
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
 from .errors import ApiError
@@ -202,16 +203,29 @@ class LibraryStore:
             info["entries"] = [entry_info(e) for e in listed]
         return info
 
-    def routes(self, name: str, k: int) -> dict:
-        """Layer name -> Routes for a chat routed over the library with top-k mixing. ApiError
-        404 (no library), 409 (no entries, or made with another model); CorruptStateError for a
+    def chat(
+        self, name: str, k: int, messages: list[dict], reserve: int
+    ) -> tuple[dict, Layout | None]:
+        """(routes, layout) of a chat over the library `name` with top-k mixing: layer name ->
+        Routes, and the Layout of what the chat's last message reads of the entries' context
+        memories (library_memory.py, as Library.session's chat_layout lays it out, `reserve`
+        tokens of the window kept for the answer), or None when it reads nothing. ApiError 404
+        (no library), 409 (no entries, or made with another model); CorruptStateError for a
         damaged entry."""
         with self.locked(name):
             library = self.get(name)
             if not len(library):
                 raise empty_library(name)
+
+            def build() -> tuple[dict, Layout | None]:
+                routes = library.routes(k)
+                if not any(m["role"] == "user" for m in messages):
+                    return routes, None  # no question to read for
+                layout = library.session(k).chat_layout(messages, reserve)
+                return routes, layout if layout.read is not None else None
+
             with library_errors(name):
-                return self.worker.call(lambda: library.routes(k)).result()
+                return self.worker.call(build).result()
 
 
 def entry_info(entry) -> dict:

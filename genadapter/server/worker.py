@@ -112,15 +112,14 @@ class ModelWorker:
         """Queue a chat; its tokens, then one Finished, arrive on the job's queue. `prompt` is
         token ids, or a Layout that reads a session's memory (Session.chat_layout). With `routes`
         (Library.routes: layer name -> Routes) and no state, the chat is routed over a library
-        (routed.py) instead of running under one state."""
+        (routed.py) instead of running under one state; its Layout reads the memories of the
+        library's entries (server/libraries.py)."""
         if not prompt:
             raise ValueError("empty prompt")
         if routes is not None and state is not None:
             raise ValueError("a chat runs under one state or is routed, not both")
         if isinstance(prompt, Layout) and prompt.read is None:
             prompt = prompt.header + prompt.rest  # nothing read: the plain prompt
-        if isinstance(prompt, Layout) and routes is not None:
-            raise ValueError("a routed chat reads no session memory")
         job = ChatJob(
             prompt if isinstance(prompt, Layout) else list(prompt), state, params, adjust, routes
         )
