@@ -99,6 +99,9 @@ def _converted_default_dir(gguf: Path) -> Path:
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is owner-only; the cache is not
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .state import AdapterState, atomic_write
+from .state import AdapterState, atomic_write, file_mode
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LoraAdapter:
             "modules_to_save": None,
             "inference_mode": True,
         }
-        save_file(tensors, folder / WEIGHTS_FILE)
+        atomic_write(folder / WEIGHTS_FILE, save(tensors))
         atomic_write(folder / CONFIG_FILE, json.dumps(config, indent=2).encode())
         atomic_write(folder / INFO_FILE, json.dumps(self.info, indent=2).encode())
         atomic_write(folder / "README.md", _readme(self).encode())
@@ -216,6 +216,11 @@ def write_merged(model, lora: LoraAdapter, folder: str | os.PathLike) -> Path:
     merged.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)
     atomic_write(folder / "README.md", _readme(lora, merged=True).encode())
+    # transformers writes its weights owner-only (0600); a service running as another user
+    # must be able to read them, as every other file the user writes.
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(file_mode())
     return folder
 
 

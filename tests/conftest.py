@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -114,4 +116,28 @@ and the Kestrel stands in the town museum, painted green and gold as it was in 1
 """
 
 
-__all__ = ["Base", "DOCUMENT", "TEST_CHUNK", "make_tiny_base"]
+UMASK = 0o022  # a usual umask: what the project writes must be 0644 (folders 0755) under it
+
+
+@contextmanager
+def usual_umask():
+    """Run the block under UMASK (the process's own is restored after)."""
+    old = os.umask(UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def assert_umask_modes(root: Path) -> None:
+    """Every file under `root` has the mode a plain open() gives under UMASK, every folder the
+    mode mkdir gives: no writer leaves an owner-only temp file's or temp folder's mode behind
+    (another user, such as a service serving an exported adapter, must be able to read them)."""
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    assert len(paths) > 1 or root.is_file()
+    for path in paths:
+        want = (0o777 if path.is_dir() else 0o666) & ~UMASK
+        assert stat.S_IMODE(path.stat().st_mode) == want, f"{path}: {oct(path.stat().st_mode)}"
+
+
+__all__ = ["Base", "DOCUMENT", "TEST_CHUNK", "UMASK", "assert_umask_modes", "make_tiny_base"]

@@ -15,7 +15,7 @@ from genadapter.bench_memory import bench_memory, format_memory
 from genadapter.eval.prompts import chat_ids, chat_message
 from genadapter.generation import SamplingParams, generate_ids
 
-from .conftest import DOCUMENT, TEST_CHUNK, make_tiny_base
+from .conftest import DOCUMENT, TEST_CHUNK, UMASK, assert_umask_modes, make_tiny_base
 
 
 def test_timed_greedy_decodes_like_the_library(random_model):
@@ -49,8 +49,10 @@ def test_bench_command_quick(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        umask=UMASK,
     )
     assert out.returncode == 0, out.stderr
+    assert_umask_modes(tmp_path / "bench.json")
     for section in (
         "1. absorb",
         "2. decode",

@@ -10,7 +10,7 @@ from genadapter.memory import ContextMemory, quantize_chunk, split_template
 from genadapter.memory_read import SEPARATOR, Layout, rotate
 from genadapter.state import CorruptStateError
 
-from .conftest import DOCUMENT
+from .conftest import DOCUMENT, assert_umask_modes, usual_umask
 
 QUESTION = "When was the Vellmar Rail Company founded?"
 OTHER = """The Quillon Observatory stands on Mount Harrow. Its great refractor, a 61-centimetre lens
@@ -106,7 +106,9 @@ def test_save_load_round_trip_keeps_the_memory(model, tmp_path):
     s = model.session()
     s.absorb(DOCUMENT)
     s.absorb(OTHER)
-    path = s.save(tmp_path / "s")
+    with usual_umask():
+        path = s.save(tmp_path / "s")
+    assert_umask_modes(path)  # not the owner-only mode of the atomic write's temp file
     loaded = model.load_session(path)
     assert loaded.memory.documents == 2 and len(loaded.memory.chunks) == len(s.memory.chunks)
     for x, y in zip(s.memory.chunks, loaded.memory.chunks, strict=True):

@@ -36,7 +36,7 @@ from genadapter.eval.runner import (
 )
 from genadapter.eval.sft import SFTBaseline
 
-from .conftest import DOCUMENT
+from .conftest import DOCUMENT, UMASK, assert_umask_modes
 
 # -- metrics, checked by hand ----------------------------------------------------------------------
 
@@ -309,8 +309,10 @@ def test_eval_command_writes_table_json_and_charts(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        umask=UMASK,
     )
     assert out.returncode == 0, out.stderr
+    assert_umask_modes(tmp_path)  # results.json and the charts
     table = out.stdout.splitlines()
     assert "recovered" in table[0] and sum(line.startswith("completion ") for line in table) == 1
     results = json.loads((tmp_path / "results.json").read_text())

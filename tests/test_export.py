@@ -20,7 +20,7 @@ from genadapter.merging import METHODS
 from genadapter.session import Session
 from genadapter.state import AdapterState
 
-from .conftest import DOCUMENT
+from .conftest import DOCUMENT, assert_umask_modes, usual_umask
 from .memory_compare import assert_same_memory
 
 OTHER = """The Harrowgate observatory stood on a granite knoll above the village of Tessel. Its
@@ -40,9 +40,17 @@ def exported(random_model, tmp_path_factory):
     session = random_model.session()
     session.absorb(DOCUMENT)
     out = tmp_path_factory.mktemp("export")
-    session.to_peft(out / "peft")
-    session.to_peft(out / "merged", merged=True)
+    with usual_umask():
+        session.to_peft(out / "peft")
+        session.to_peft(out / "merged", merged=True)
     return session, out
+
+
+def test_exported_files_get_the_modes_the_umask_gives(exported):
+    # Another user (a vLLM service) must be able to read what `export` writes (issue 25, item 4).
+    _, out = exported
+    assert_umask_modes(out / "peft")
+    assert_umask_modes(out / "merged")
 
 
 def _random_prompts(vocab: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from genadapter.routing import Routes, mixed_down, route, standardize
 from genadapter.session import Session
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
-from .conftest import DOCUMENT, TEST_CHUNK
+from .conftest import DOCUMENT, TEST_CHUNK, assert_umask_modes, usual_umask
 
 DOCS = {
     "rail": DOCUMENT,
@@ -51,11 +51,13 @@ def _ids(model, text=PROMPT):
 
 
 def test_add_list_remove_round_trip(random_model, tmp_path):
-    lib = Library.create(tmp_path / "lib", random_model)
-    stats = lib.add("rail", DOCUMENT)
-    (tmp_path / "b.txt").write_text(DOCS["bees"])
-    lib.add("bees", [tmp_path / "b.txt"])
+    with usual_umask():
+        lib = Library.create(tmp_path / "lib", random_model)
+        stats = lib.add("rail", DOCUMENT)
+        (tmp_path / "b.txt").write_text(DOCS["bees"])
+        lib.add("bees", [tmp_path / "b.txt"])
     assert [e.name for e in lib.list()] == ["bees", "rail"] and stats.tokens > 0
+    assert_umask_modes(tmp_path / "lib")  # readable by others, as any file the user writes
     # Reopened from disk without a model: the manifest alone lists and removes.
     bare = Library.open(tmp_path / "lib")
     assert [(e.name, e.tokens) for e in bare.list()] == [(e.name, e.tokens) for e in lib.list()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import DOCUMENT, make_tiny_base
+from .conftest import DOCUMENT, UMASK, assert_umask_modes, make_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
@@ -150,8 +150,11 @@ def test_continue_with_next_pairing_and_package(setup, tmp_path):
         "--out",
         str(packaged),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, umask=UMASK
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_umask_modes(packaged)  # the shipped generator is readable by every user
     meta = json.loads((packaged / "config.json").read_text())
     stages = meta["config"]["extra"]["stages"]
     assert [s["steps"] for s in stages] == [2, 1]  # oldest first

@@ -6,7 +6,9 @@ code; anything else becomes a 500 `internal_error` in the same shape, never a ba
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +22,25 @@ from .store import MemoryBudgetExceeded, SessionNameTaken, UnknownSession
 from .worker import ServerShuttingDown
 
 log = logging.getLogger(__name__)
+
+
+# A full disk or an exhausted quota: the storage's failure, not the server's (507).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_exhausted(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, says the disk or the quota is full (an
+    OSError with ENOSPC, EDQUOT or EFBIG; SQLite's SQLITE_FULL)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return True
+        if (
+            isinstance(e, sqlite3.Error)
+            and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def error_response(
@@ -131,9 +152,27 @@ def install_error_handlers(app: FastAPI) -> None:
     async def shutting_down(request: Request, e: ServerShuttingDown):
         return error_response(503, str(e), "shutting_down")
 
+    # Storage errors: a full disk is a 507 with one log line; any other is a server bug (a 500
+    # with its traceback in the log). Writes are atomic, so a failed one changed nothing.
+    async def storage_error(request: Request, e: Exception):
+        if storage_exhausted(e):
+            log.error("%s %s: out of storage: %s", request.method, request.url.path, e)
+            message = f"the server's storage is full ({e}); nothing was changed: retry later"
+            return error_response(507, message, "insufficient_storage")
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return internal_response(e)
+
+    app.add_exception_handler(OSError, storage_error)
+    app.add_exception_handler(sqlite3.Error, storage_error)
+
     # Starlette runs this one for any exception no handler above took; it then re-raises the
     # exception, so the server log still gets its traceback.
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
-        message = f"internal server error ({type(e).__name__}: {e})"
-        return error_response(500, message[:1000], "internal_error")
+        return internal_response(e)
+
+
+def internal_response(e: Exception) -> JSONResponse:
+    """500 internal_error naming the exception."""
+    message = f"internal server error ({type(e).__name__}: {e})"
+    return error_response(500, message[:1000], "internal_error")
