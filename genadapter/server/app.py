@@ -25,6 +25,7 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -55,6 +56,8 @@ class ServerConfig:
     encode_chunks_per_turn: int = 1  # document chunks encoded between two decode steps
     session_memory_tokens: int | None = 32768  # most memory tokens one session holds
     memory_cap_bytes: int | None = 4 << 30  # most bytes of memory loaded at once, all sessions
+    # Browser origins allowed to call the API (CORS; "*": any); none by default.
+    cors_origins: tuple[str, ...] = ()
 
 
 def base_model_ids(name: str) -> set[str]:
@@ -401,4 +404,12 @@ def create_app(
     install_error_handlers(app)
     # Room for a document plus its JSON or multipart framing.
     app.add_middleware(LimitBody, limit=config.max_document_bytes + (64 << 10))
+    if config.cors_origins:  # outermost: preflights and every response, errors included
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            max_age=600,
+        )
     return app

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+from urllib.parse import urlsplit
 
 from ..options import add_model_args
 
@@ -23,6 +24,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_origin(origin: str) -> str:
+    """`origin` if it is a browser origin (scheme://host[:port], no path) or "*"; ValueError
+    otherwise (a trailing slash or a path never matches the Origin header a browser sends)."""
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or origin.endswith("/"):
+        raise ValueError(
+            f"--cors-origin {origin}: not an origin; give scheme://host[:port] with no path, "
+            "such as https://app.example.com or http://localhost:5173, or *"
+        )
+    if parts.path or parts.query or parts.fragment:
+        raise ValueError(f"--cors-origin {origin}: an origin has no path, query or fragment")
+    return origin
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(
@@ -34,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for option in ("session_memory_tokens", "memory_cap_bytes"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
+    origins = tuple(check_origin(o) for o in args.cors_origin or ())
     import uvicorn
 
     from ..options import load_model
@@ -46,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         session_memory_tokens=args.session_memory_tokens,
         memory_cap_bytes=args.memory_cap_bytes,
+        cors_origins=origins,
     )
     app = create_app(load_model(args), args.store, config)
     logging.getLogger("genadapter").setLevel(logging.INFO)
@@ -106,5 +125,12 @@ def add_serve_parser(sub) -> None:
         metavar="N",
         help="most bytes of session memory loaded at once; idle sessions are spilled to the "
         "store to make room (default: 4294967296, 4 GiB)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (scheme://host[:port]; * for any) call the API; "
+        "repeatable (default: none, browsers on other origins are refused)",
     )
     serve.set_defaults(run=cmd_serve)
