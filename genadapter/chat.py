@@ -23,6 +23,9 @@ COMMANDS = """chat commands (typed at the prompt):
 Ctrl+C stops an answer (the turn is not kept) or an /absorb, and returns to the prompt."""
 
 
+NEEDS_ARGUMENT = {"/absorb": "FILE", "/save": "DIR", "/load": "DIR"}
+
+
 def read_document(path: str, piece_chars: int = 1 << 16) -> Iterator[str]:
     """Yield a file's text in pieces so a huge file is never held whole."""
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -34,6 +37,8 @@ def absorb_file(session, path: str) -> None:
     """Absorb one UTF-8 file into the session as one document, and say how it went."""
     from tqdm.auto import tqdm
 
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory: absorb one file at a time")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -67,20 +72,30 @@ def run_command(session, line: str):
     arg = arg.strip()
     if cmd in ("/quit", "/exit"):
         return None
-    if cmd == "/absorb" and arg:
+    if cmd in NEEDS_ARGUMENT and not arg:
+        raise ValueError(f"{cmd} needs {NEEDS_ARGUMENT[cmd]}, as in: {cmd} {NEEDS_ARGUMENT[cmd]}")
+    if cmd == "/absorb":
         absorb_file(session, arg)
     elif cmd == "/reset":
         session.reset()
         print("session reset")
-    elif cmd == "/save" and arg:
+    elif cmd == "/save":
+        target = Path(arg)
+        if target.is_file() and target.suffix != ".safetensors":
+            raise ValueError(
+                f"{arg} is an existing file: /save takes a folder (it writes "
+                "FOLDER/state.safetensors) or a path ending in .safetensors"
+            )
         print(f"saved to {session.save(arg)}")
-    elif cmd == "/load" and arg:
+    elif cmd == "/load":
         session = session.model.load_session(arg)
         print(f"loaded {arg}: {describe(session)}")
     elif cmd == "/stats":
         print(describe(session))
-    else:
+    elif cmd == "/help":
         print(COMMANDS)
+    else:
+        raise ValueError(f"unknown command {cmd}; /help lists the commands")
     return session
 
 

@@ -80,6 +80,10 @@ def test_chat_repl_commands(tmp_path):
             "What is the capital of France?",
             f"/absorb {bad}",
             f"/absorb {tmp_path / 'missing.txt'}",
+            f"/absorb {tmp_path}",
+            "/absorb",
+            "/frobnicate",
+            f"/save {doc}",
             f"/save {tmp_path / 'saved'}",
             "/reset",
             "/stats",
@@ -101,6 +105,12 @@ def test_chat_repl_commands(tmp_path):
     loaded = [line for line in lines if line.startswith("loaded")]
     assert loaded and "documents 1" in loaded[0] and f"memory {absorbed} tokens" in loaded[0]
     assert "not UTF-8" in out.stderr and "no such file" in out.stderr
+    # Each mistake is said in words (issue 25, item 7), and none changes anything.
+    assert f"error: {tmp_path} is a directory" in out.stderr
+    assert "error: /absorb needs FILE" in out.stderr
+    assert "error: unknown command /frobnicate; /help lists the commands" in out.stderr
+    assert f"error: {doc} is an existing file: /save takes a folder" in out.stderr
+    assert "Errno" not in out.stderr and doc.read_text() == DOCUMENT
     assert (tmp_path / "saved" / "state.safetensors").is_file()
 
 
