@@ -302,7 +302,7 @@ def test_readme_peft_snippet_runs_as_written(exported, tmp_path, monkeypatch, ca
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M) if "Peft" in b]
     _, out = exported
-    shutil.copytree(out / "peft", tmp_path / "adapters" / "lighthouse")
+    shutil.copytree(out / "peft", tmp_path / "results" / "adapters" / "lighthouse")
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()

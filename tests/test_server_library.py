@@ -134,6 +134,27 @@ def test_routed_chat_over_one_entry_is_that_entrys_session(server, random_model,
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected
 
 
+def test_an_upload_named_by_an_ordinary_file_name_gets_an_entry_name_from_it(server):
+    # Issue 25, item 6: "my notes.txt" is what a user's file is called, not a bad request.
+    assert server.http.post(LIB, json={"name": "uploads"}).status_code == 201
+    names = {"my notes.txt": "my-notes.txt", "C:\\docs\\ü bees!.md": "bees-.md"}
+    for filename, expected in names.items():
+        files = {"file": (filename, DOCS["bees"].encode(), "text/plain")}
+        r = server.http.post(f"{LIB}/uploads/documents", files=files)
+        assert r.status_code == 201, r.text
+        assert r.json()["entry"]["name"] == expected
+    # A name given explicitly is used as given (and checked), before the file's.
+    files = {"file": ("my notes.txt", DOCS["ocean"].encode(), "text/plain")}
+    r = server.http.post(f"{LIB}/uploads/documents?name=ocean", files=files)
+    assert r.status_code == 201 and r.json()["entry"]["name"] == "ocean", r.text
+    r = server.http.post(f"{LIB}/uploads/documents?name=my%20notes", files=files)
+    assert_error(r, 422, "invalid_body", "name")
+    files = {"file": ("!!!", b"text", "text/plain")}
+    r = server.http.post(f"{LIB}/uploads/documents", files=files)
+    assert_error(r, 422, "invalid_body", "name")
+    assert server.http.delete(f"{LIB}/uploads").status_code == 200
+
+
 @pytest.mark.parametrize(
     "method, path, body, status, code, param",
     [

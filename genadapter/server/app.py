@@ -153,7 +153,7 @@ def create_app(
     @api.post("/sessions/{key}/documents", status_code=201)
     async def add_document(key: str, request: Request) -> dict:
         session_id = await in_thread(store.find, key)
-        data, name = await read_document(request)
+        data, name, _ = await read_document(request)
         if len(data) > config.max_document_bytes:
             raise ApiError(
                 413,
@@ -179,7 +179,7 @@ def create_app(
             "session": await in_thread(store.info, session_id),
         }
 
-    async def read_document(request: Request) -> tuple[bytes, str | None]:
+    async def read_document(request: Request) -> tuple[bytes, str | None, bool]:
         return await documents.read_document(request, config.max_document_bytes)
 
     def tokenize_document(data: bytes) -> list[list[int]]:

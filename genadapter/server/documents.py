@@ -12,10 +12,11 @@ from .errors import ApiError
 from .validation import DocumentBody
 
 
-async def read_document(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
-    """A document upload's bytes and name: a text/plain (or markdown, octet-stream) body, JSON
-    {"text", "name"}, or a multipart `file`; the name may also be `?name=`. ApiError 415 for
-    another content type, 422 for a multipart upload without `file`."""
+async def read_document(request: Request, max_bytes: int) -> tuple[bytes, str | None, bool]:
+    """A document upload's bytes, name, and whether that name is the upload's file name: a
+    text/plain (or markdown, octet-stream) body, JSON {"text", "name"}, or a multipart `file`;
+    a name given (JSON `name`, `?name=`) comes before the file's. ApiError 415 for another
+    content type, 422 for a multipart upload without `file`."""
     kind = request.headers.get("content-type", "text/plain").split(";")[0].strip().lower()
     name = request.query_params.get("name")
     if kind == "application/json":
@@ -23,17 +24,18 @@ async def read_document(request: Request, max_bytes: int) -> tuple[bytes, str | 
             body = DocumentBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from e
-        return body.text.encode("utf-8"), body.name or name
+        return body.text.encode("utf-8"), body.name or name, False
     if kind == "multipart/form-data":
         form = await request.form(max_part_size=max_bytes + 1)
         upload = form.get("file")
         if isinstance(upload, UploadFile):
-            return await upload.read(), upload.filename or name
+            data = await upload.read()
+            return data, name or upload.filename, name is None and upload.filename is not None
         if isinstance(upload, str):
-            return upload.encode("utf-8"), name
+            return upload.encode("utf-8"), name, False
         raise ApiError(422, "a multipart upload needs a 'file' field", "missing_file", "file")
     if kind in ("text/plain", "text/markdown", "application/octet-stream"):
-        return await request.body(), name
+        return await request.body(), name, False
     raise ApiError(
         415,
         f'unsupported content type {kind!r}: send text/plain, JSON {{"text": ...}}, '

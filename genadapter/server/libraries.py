@@ -228,6 +228,16 @@ class LibraryStore:
                 return self.worker.call(build).result()
 
 
+def entry_name_of_file(filename: str) -> str | None:
+    """An entry name made from an upload's file name: its last path part, each run of other
+    characters than letters, digits, '.', '_' and '-' made one '-', leading ones dropped, at most
+    128 characters ("my notes.txt" -> "my-notes.txt"); None when nothing is left."""
+    base = re.split(r"[\\/]", filename)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
+    return name or None
+
+
 def entry_info(entry) -> dict:
     """An Entry as the API shows it (memory_tokens and memory_bytes: its context memory's, 0 for
     an entry added before entries kept one)."""
@@ -253,7 +263,7 @@ def library_router(
     store: LibraryStore,
     worker: ModelWorker,
     in_thread: Callable[..., Awaitable],
-    read_document: Callable[[Request], Awaitable[tuple[bytes, str | None]]],
+    read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     check_capacity: Callable[[], None],
     max_document_bytes: int,
     tokenize_document: Callable[[bytes], list[list[int]]],
@@ -298,7 +308,9 @@ def library_router(
     @api.post("/libraries/{name}/documents", status_code=201)
     async def add_entry(name: str, request: Request) -> dict:
         await in_thread(store.get, name)  # 404 before reading a body
-        data, entry = await read_document(request)
+        data, entry, from_file = await read_document(request)
+        if from_file:  # "my notes.txt" names the entry my-notes.txt
+            entry = entry_name_of_file(entry)
         if entry is None or not ENTRY_NAME.fullmatch(entry):
             raise ApiError(
                 422,
