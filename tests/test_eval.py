@@ -231,6 +231,16 @@ def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
                 # with a zero delta the adapter adds nothing to the memory either
                 if "memory+adapter" in record:
                     assert record["memory+adapter"]["answer"] == record["memory"]["answer"]
+                if "adapter (other doc)" in record:  # the control, under another's session
+                    assert record["adapter (other doc)"]["answer"] == record["base"]["answer"]
+    # Question-answering suites with several examples have the other-document controls (tiny
+    # persona has one user).
+    for suite in ("qa", "icl"):
+        row = tiny_results["suites"][suite][0]
+        assert {"adapter (other doc)", "memory (other doc)"} <= set(row["methods"]), suite
+    assert "memory (other doc)" not in tiny_results["suites"]["closedbook"][0]["methods"]
+    other = completion["methods"]["memory (other doc)"]["perplexity"]
+    assert other != completion["methods"]["memory"]["perplexity"]  # another text was read
     # vocab: also every merge of the glossaries' states, and of their LoRAs run by PEFT on a
     # separate transformers base (all deltas zero).
     row = tiny_results["suites"]["vocab"][0]

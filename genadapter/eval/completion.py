@@ -102,6 +102,36 @@ def _nll_sum(model, ids: list[int], first: int, state, memory=None) -> float:
     return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
 
 
+COMPLETION_METHODS = ("base", "prompt", "adapter", "memory", "memory+adapter")
+# Controls: a document's target scored under another document's adapter state and memory.
+OTHER = " (other doc)"
+OTHER_DOCUMENT = ("adapter" + OTHER, "memory" + OTHER)
+
+
+def _absorbed(target: list[int], session, suffix: str):
+    """(method, ids, first, state, memory) rows of the methods a session gives."""
+    return (
+        ("adapter" + suffix, target, 1, session.state, None),
+        ("memory" + suffix, target, 1, None, session.memory),
+        ("memory+adapter" + suffix, target, 1, session.state, session.memory),
+    )
+
+
+def _score_other(model, previous, session, sums: dict, seconds: dict) -> None:
+    """Score the previous document's target under `session` (another document's) as the
+    OTHER_DOCUMENT methods, into its record and the sums."""
+    target, record = previous
+    n = len(target) - 1
+    for method, ids, first, state, memory in _absorbed(target, session, OTHER):
+        if method not in OTHER_DOCUMENT or (method.startswith("memory") and memory is None):
+            continue
+        start = time.perf_counter()
+        nll = _nll_sum(model, ids, first, state, memory)
+        seconds[method] += time.perf_counter() - start
+        sums[method] += nll
+        record[method] = {"perplexity": metrics.perplexity([nll], [n])}
+
+
 def suite_completion(model, limits: Limits, seed: int, split: str, progress: bool):
     """Perplexity of the last K tokens of held-out documents. Every method scores the same K - 1
     tokens (all but the first target token, which base and adapter have nothing to predict from)."""
@@ -113,9 +143,10 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
         seed,
         split,
     )
-    sums = {m: 0.0 for m in ("base", "prompt", "adapter", "memory", "memory+adapter")}
+    sums = {m: 0.0 for m in (*COMPLETION_METHODS, *OTHER_DOCUMENT)}
     seconds = dict(sums)
     absorb_seconds, scored, records = 0.0, 0, []
+    first_session, previous = None, None
     for doc in tqdm(docs, desc="completion", unit="doc", disable=not progress):
         target, n = doc.target_ids, len(doc.target_ids) - 1
         # Prompting keeps the most recent context that fits the window with the target.
@@ -125,23 +156,32 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
         session.absorb(model.tokenizer.decode(doc.context_ids))
         absorb_seconds += time.perf_counter() - start
         record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
-        memory = session.memory
-        for method, ids, first, state, read in (
+        for method, ids, first, state, memory in (
             ("base", target, 1, None, None),
             ("prompt", context + target, len(context) + 1, None, None),
-            ("adapter", target, 1, session.state, None),
-            ("memory", target, 1, None, memory),
-            ("memory+adapter", target, 1, session.state, memory),
+            *_absorbed(target, session, ""),
         ):
             if method.startswith("memory") and memory is None:
                 continue
             start = time.perf_counter()
-            nll = _nll_sum(model, ids, first, state, read)
+            nll = _nll_sum(model, ids, first, state, memory)
             seconds[method] += time.perf_counter() - start
             sums[method] += nll
             record[method] = {"perplexity": metrics.perplexity([nll], [n])}
+        # The control: the previous document's target under this document's session (the
+        # first's under the last's, below). Is it the document, or text of its kind?
+        if previous is not None:
+            _score_other(model, previous, session, sums, seconds)
+        if first_session is None:
+            first_session = session
+        previous = (target, record)
         scored += n
         records.append(record)
+    if previous is not None and len(records) > 1:
+        _score_other(model, previous, first_session, sums, seconds)
+    else:  # one document: no other document to compare with
+        for m in OTHER_DOCUMENT:
+            sums.pop(m)
     methods = {
         m: {"perplexity": metrics.perplexity([sums[m]], [scored]), "seconds": seconds[m]}
         for m in sums

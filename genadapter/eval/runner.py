@@ -60,25 +60,44 @@ def run_questions(
     name: str,
     sft: SFTBaseline | None = None,
     progress: bool = True,
+    other_document: bool = True,
 ) -> dict:
     """Answer every question of every example under each method and score the answers. The
     session that absorbed an example's documents gives three methods: its adapter state alone
-    (adapter), its context memory alone (memory), and both (memory+adapter)."""
-    methods = list(METHODS[:-1]) + (["sft"] if sft else [])
+    (adapter), its context memory alone (memory), and both (memory+adapter). With
+    `other_document` and more than one example, adapter and memory are also answered under the
+    previous example's session ("adapter (other doc)", "memory (other doc)"): the control that
+    tells the document's own content from what any document of its kind gives."""
+    others = other_document and len(examples) > 1
+    controls = [m + OTHER for m in OTHER_CONTROLS] if others else []
+    methods = list(METHODS[:-1]) + controls + (["sft"] if sft else [])
     tally = Tally(methods)
     absorb_seconds, sft_seconds = 0.0, 0.0
     budget = model.max_positions - scorer.max_new_tokens
+
+    def absorb(example: Example) -> Session:
+        nonlocal absorb_seconds
+        absorbed = model.session()
+        start = time.perf_counter()
+        for document in example.documents:
+            absorbed.absorb(document)
+        absorb_seconds += time.perf_counter() - start
+        return absorbed
+
+    # The control: each question also answered under the previous example's session (the
+    # first example's under the last's). Is it the document, or documents of its kind?
+    previous = absorb(examples[-1]) if others else None
     total = sum(len(e.questions) for e in examples) * len(methods)
     with tqdm(total=total, desc=name, unit="answer", disable=not progress) as bar:
         for example in examples:
-            absorbed = model.session()
-            start = time.perf_counter()
-            for document in example.documents:
-                absorbed.absorb(document)
-            absorb_seconds += time.perf_counter() - start
+            absorbed = absorb(example)
             if sft is not None:
                 sft_seconds += sft.fit(example.context)
             sessions = absorbed_methods(model, absorbed)
+            if previous is not None:
+                other = absorbed_methods(model, previous)
+                sessions |= {m + OTHER: other[m] for m in OTHER_CONTROLS if m in other}
+                previous = absorbed
             for q in example.questions:
                 record = {"example": example.id, "question": q.text, "answers": q.answers, **q.info}
                 plain = chat_message(q.text, None, scorer.instruction)
@@ -109,6 +128,10 @@ def run_questions(
     if sft is not None:
         extra["sft"] = {"train_seconds": sft_seconds, "steps": sft.steps}
     return answering.row(name, scorer, tally.summary(extra), tally.records)
+
+
+OTHER = " (other doc)"  # an example's questions under another example's session
+OTHER_CONTROLS = ("adapter", "memory")  # the methods that get that control
 
 
 def absorbed_methods(model: AdaptedModel, absorbed: Session) -> dict[str, Session]:
@@ -166,7 +189,9 @@ def suite_closedbook(model: AdaptedModel, limits: Limits, seed: int, split: str,
     for prompting, in the prompt): absorbing must not make the model forget what it knew."""
     examples = closedbook_examples(limits.closedbook_questions, _seed(seed, split))
     scorer = Scorer(QA_SCORER, QA_INSTRUCTION, limits.max_new_tokens)
-    return [run_questions(model, examples, scorer, "closedbook", progress=progress)]
+    # Every document here is another one already: no other-document control.
+    name = "closedbook"
+    return [run_questions(model, examples, scorer, name, None, progress, other_document=False)]
 
 
 def suite_vocab(model: AdaptedModel, limits: Limits, seed: int, split: str, progress: bool):
