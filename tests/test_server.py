@@ -79,12 +79,11 @@ def running(app):
 
 @contextmanager
 def served(model, store: Path, **options):
-    """The tests' server over `store` (small document limits, batches of 8, other `options` of
-    ServerConfig), running, with an HTTP client that sends the key: a namespace of url, app,
-    store and http."""
-    config = ServerConfig(
-        api_key=KEY, max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8, **options
-    )
+    """The tests' server over `store` (small document limits, batches of 8; `options` of
+    ServerConfig change those or set others), running, with an HTTP client that sends the key:
+    a namespace of url, app, store and http."""
+    limits = dict(max_document_bytes=16_000, max_document_tokens=1_000, max_batch=8)
+    config = ServerConfig(api_key=KEY, **{**limits, **options})
     app = create_app(model, store, config)
     with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as http:
         yield SimpleNamespace(url=url, app=app, store=store, http=http)

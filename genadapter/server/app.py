@@ -36,6 +36,7 @@ from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
 from .libraries import DEFAULT_K, LibraryStore, library_router
 from .store import DocumentInfo, SessionNameTaken, SessionStore, UnknownSession
+from .uploads import Uploads, replayed
 from .validation import ChatRequest, SessionBody
 from .worker import ModelWorker
 
@@ -80,6 +81,7 @@ def create_app(
         memory_cap=config.memory_cap_bytes,
     )
     worker = ModelWorker(model, config.max_batch, config.encode_chunks_per_turn)
+    uploads = Uploads(store.root)
     libraries = LibraryStore(store_dir, model, worker)
     tokenizer = model.tokenizer
     model_name = model.base_name
@@ -97,6 +99,7 @@ def create_app(
         finally:
             worker.stop()
             store.close()
+            uploads.close()
 
     async def in_thread(fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=threads["limiter"])
@@ -148,11 +151,21 @@ def create_app(
     async def delete_session(key: str) -> dict:
         session_id = await in_thread(store.find, key)
         await in_thread(store.delete, session_id)
+        uploads.forget(f"session {session_id}")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     @api.post("/sessions/{key}/documents", status_code=201)
-    async def add_document(key: str, request: Request) -> dict:
+    async def add_document(key: str, request: Request):
         session_id = await in_thread(store.find, key)
+        target = f"session {session_id}"
+        async with uploads.once(request, target) as replay:
+            if replay.response is not None:
+                return replayed(replay.response)
+            replay.kept = await absorb_document(session_id, target, request)
+        return replay.kept
+
+    async def absorb_document(session_id: str, target: str, request: Request) -> dict:
+        """Read, encode and add one uploaded document to the session; its response."""
         data, name, _ = await read_document(request)
         if len(data) > config.max_document_bytes:
             raise ApiError(
@@ -168,7 +181,9 @@ def create_app(
             check_capacity()
             start = time.perf_counter()
             memory = model.new_memory()
-            delta = await asyncio.wrap_future(worker.encode(chunks, memory))
+            async with uploads.absorbing(request, target, len(chunks)) as upload:
+                delta = await asyncio.wrap_future(worker.encode(chunks, memory, upload))
+                upload.check()  # its client left while the last chunk ran: not added
             doc = DocumentInfo(name, len(data), delta.tokens, delta.chunks, time.time())
             await in_thread(store.add, session_id, delta, doc, memory)
         return {
@@ -379,6 +394,7 @@ def create_app(
         library_router(
             libraries,
             worker,
+            uploads,
             in_thread,
             read_document,
             check_capacity,
@@ -395,7 +411,13 @@ def create_app(
         steps = worker.steps
         batch = {"decode_steps": steps, "rows": worker.step_rows, "max_rows": worker.max_rows}
         batch["mean_rows"] = round(worker.step_rows / steps, 2) if steps else 0.0
-        return {"status": "ok", "model": model_name, "pending": worker.pending, "batch": batch}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "pending": worker.pending,
+            "batch": batch,
+            "uploads": uploads.health(),
+        }
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

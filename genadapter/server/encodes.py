@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..memory import ContextMemory
 from ..state import AdapterState
+from .uploads import Upload, UploadAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class EncodeJob:
     future: Future
     state: AdapterState
     memory: ContextMemory | None = None
+    upload: Upload | None = None  # its upload: progress, and whether its client left
 
 
 def encode_turn(model, jobs: deque[EncodeJob], chunks_per_turn: int) -> None:
@@ -33,9 +35,16 @@ def encode_turn(model, jobs: deque[EncodeJob], chunks_per_turn: int) -> None:
         return
     job = jobs.popleft()
     try:
+        if job.upload is not None:
+            job.upload.check()  # the client left: stop here, the document is dropped
         n = min(chunks_per_turn, len(job.chunks))
         part = [job.chunks.popleft() for _ in range(n)]
         job.state.add_(model.encode_chunks(part, memory=job.memory))
+        if job.upload is not None:
+            job.upload.done += n
+    except UploadAbandoned as e:
+        job.future.set_exception(e)
+        return
     except Exception as e:
         log.exception("encoding a document failed")
         job.future.set_exception(e)

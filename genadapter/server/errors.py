@@ -14,11 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..state import CorruptStateError, IncompatibleStateError
 from ..text import DocumentError
 from .resident import MemoryCapExceeded
 from .store import MemoryBudgetExceeded, SessionNameTaken, UnknownSession
+from .uploads import BadIdempotencyKey, UploadAbandoned
 from .worker import ServerShuttingDown
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,22 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("%s", e)
         message = f"the session's saved state does not fit the model this server runs: {e}"
         return error_response(409, message, "incompatible_session")
+
+    @app.exception_handler(BadIdempotencyKey)
+    async def bad_key(request: Request, e: BadIdempotencyKey):
+        return error_response(422, str(e), "invalid_header", "Idempotency-Key")
+
+    # A client gone mid-upload: one log line (uploads.py, or here for a body cut short), and a
+    # response nobody reads (499, as nginx logs a request its client closed).
+    @app.exception_handler(UploadAbandoned)
+    async def abandoned(request: Request, e: UploadAbandoned):
+        return error_response(499, str(e), "client_closed_request")
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, e: ClientDisconnect):
+        log.warning("%s %s: the client left before its body was read", request.method,
+                    request.url.path)  # fmt: skip
+        return error_response(499, "the client left", "client_closed_request")
 
     @app.exception_handler(ServerShuttingDown)
     async def shutting_down(request: Request, e: ServerShuttingDown):

@@ -33,6 +33,7 @@ from ..memory_read import Layout
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
 from .errors import ApiError
+from .uploads import Upload, Uploads, replayed
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,7 @@ def library_errors(name: str) -> Iterator[None]:
 def library_router(
     store: LibraryStore,
     worker: ModelWorker,
+    uploads: Uploads,
     in_thread: Callable[..., Awaitable],
     read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     check_capacity: Callable[[], None],
@@ -303,11 +305,20 @@ def library_router(
     @api.delete("/libraries/{name}")
     async def delete_library(name: str) -> dict:
         await in_thread(store.delete, name)
+        uploads.forget(f"library {name}")
         return {"name": name, "object": "library.deleted", "deleted": True}
 
     @api.post("/libraries/{name}/documents", status_code=201)
-    async def add_entry(name: str, request: Request) -> dict:
+    async def add_entry(name: str, request: Request):
         await in_thread(store.get, name)  # 404 before reading a body
+        async with uploads.once(request, f"library {name}") as replay:
+            if replay.response is not None:
+                return replayed(replay.response)
+            replay.kept = await add_document(name, request)
+        return replay.kept
+
+    async def add_document(name: str, request: Request) -> dict:
+        """Read an uploaded document and add it as a new entry of the library; the response."""
         data, entry, from_file = await read_document(request)
         if from_file:  # "my notes.txt" names the entry my-notes.txt
             entry = entry_name_of_file(entry)
@@ -329,7 +340,7 @@ def library_router(
         chunks = await in_thread(tokenize_document, data)
         check_capacity()
 
-        def add() -> dict:
+        def add(upload: Upload) -> dict:
             with store.locked(name):
                 library = store.get(name)  # deleted meanwhile: 404
                 if entry in library:
@@ -341,23 +352,29 @@ def library_router(
                     )
                 start = time.perf_counter()
                 with library_errors(name):
-                    absorb(library, entry, chunks)
+                    absorb(library, entry, chunks, upload)
                 seconds = time.perf_counter() - start
                 (added,) = [e for e in library.list() if e.name == entry]
             info = {"object": "library.document", "library": name, "entry": entry_info(added)}
             return {**info, "bytes": len(data), "seconds": round(seconds, 3)}
 
-        return await in_thread(add)
+        target = f"library {name}, entry {entry}"
+        async with uploads.absorbing(request, target, len(chunks)) as upload:
+            return await in_thread(add, upload)
 
-    def absorb(library: Library, entry: str, chunks: list[list[int]]) -> None:
+    def absorb(library: Library, entry: str, chunks: list[list[int]], upload: Upload) -> None:
         """Add a document's token chunks as the entry: the model thread absorbs them a few per
         call (the worker's encode_chunks_per_turn, as a session's absorb), so running chats go
-        on between the calls, then writes it (Library.commit)."""
+        on between the calls, then writes it (Library.commit). Stops, writing nothing, once the
+        upload's client is gone (UploadAbandoned)."""
         draft = EntryDraft(model)
         step = max(1, worker.encode_chunks_per_turn)
         for at in range(0, len(chunks), step):
+            upload.check()
             worker.call(lambda part=chunks[at : at + step]: draft.encode(part)).result()
+            upload.done += len(chunks[at : at + step])
         draft.state.documents = 1
+        upload.check()
         worker.call(lambda: library.commit(entry, draft)).result()
 
     @api.delete("/libraries/{name}/documents/{entry}")

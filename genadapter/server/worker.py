@@ -36,6 +36,7 @@ from . import kvcache
 from .encodes import EncodeJob, encode_turn
 from .routed import RoutedChats
 from .sampling import ChatJob, Finished, LogitAdjust, Row
+from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,17 @@ class ModelWorker:
         self._inbox.put(job)
         return job
 
-    def encode(self, chunks: list[list[int]], memory: ContextMemory | None = None) -> Future:
+    def encode(
+        self,
+        chunks: list[list[int]],
+        memory: ContextMemory | None = None,
+        upload: Upload | None = None,
+    ) -> Future:
         """Future of the state of one document, given as token chunks; with `memory` (empty,
         model.new_memory()), the document's keys and values fill it, as one document, by the
-        time the future is done."""
-        job = EncodeJob(deque(chunks), Future(), self.model.new_state(), memory)
+        time the future is done. With `upload`, its progress is counted, and once its client is
+        gone the encoding stops at the next chunk (the future's exception: UploadAbandoned)."""
+        job = EncodeJob(deque(chunks), Future(), self.model.new_state(), memory, upload)
         self._inbox.put(job)
         return job.future
 
