@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .head import HEAD_NAME, HeadAdapter, HeadConfig
@@ -260,13 +260,12 @@ class Generator(nn.Module):
         of a shipped checkpoint, loading upcasts to float32."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{WEIGHTS_NAME}.tmp"
         tensors = {
             k: v.detach().to(dtype or v.dtype).cpu().contiguous()
             for k, v in self.state_dict().items()
         }
-        save_file(tensors, tmp)
-        os.replace(tmp, folder / WEIGHTS_NAME)
+        # atomic_write, not safetensors' save_file: that one creates the file owner-only (0600).
+        atomic_write(folder / WEIGHTS_NAME, save(tensors))
         meta = {
             "format": "genadapter-generator/1",
             "base_fingerprint": base_fingerprint,

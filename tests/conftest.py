@@ -129,12 +129,14 @@ def usual_umask():
         os.umask(old)
 
 
-def assert_umask_modes(root: Path) -> None:
+def assert_umask_modes(root: Path, include_root: bool = True) -> None:
     """Every file under `root` has the mode a plain open() gives under UMASK, every folder the
     mode mkdir gives: no writer leaves an owner-only temp file's or temp folder's mode behind
-    (another user, such as a service serving an exported adapter, must be able to read them)."""
+    (another user, such as a service serving an exported adapter, must be able to read them).
+    `include_root=False` for a folder the test made (pytest's tmp_path is owner-only)."""
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     assert len(paths) > 1 or root.is_file()
+    paths = paths if include_root else paths[1:]
     for path in paths:
         want = (0o777 if path.is_dir() else 0o666) & ~UMASK
         assert stat.S_IMODE(path.stat().st_mode) == want, f"{path}: {oct(path.stat().st_mode)}"

@@ -77,11 +77,12 @@ def test_a_retried_upload_is_absorbed_once(random_model, tmp_path):
         assert r.status_code == 201 and "Idempotent-Replayed" not in r.headers
         # A retry sent while the first is still encoding waits for it, then is replayed.
         slow = {"Idempotency-Key": "long", "Content-Type": "text/plain"}
+        text = (DOCUMENT * 6).encode()  # about 20 chunks: long enough to be caught running
         with ThreadPoolExecutor(1) as pool:
-            first_try = pool.submit(server.http.post, url, content=LONG.encode(), headers=slow)
+            first_try = pool.submit(server.http.post, url, content=text, headers=slow)
             while not server.http.get("/health").json()["uploads"]:
                 time.sleep(0.02)
-            r2 = server.http.post(url, content=LONG.encode(), headers=slow)
+            r2 = server.http.post(url, content=text, headers=slow)
             r1 = first_try.result()
         assert r1.status_code == 201 and "Idempotent-Replayed" not in r1.headers
         assert r2.status_code == 201 and r2.headers["Idempotent-Replayed"] == "true"

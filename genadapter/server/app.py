@@ -20,14 +20,13 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import ValidationError
 
 from ..memory_read import Layout
 from ..model import AdaptedModel
@@ -35,9 +34,10 @@ from . import documents
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
 from .libraries import DEFAULT_K, LibraryStore, library_router
-from .store import DocumentInfo, SessionNameTaken, SessionStore, UnknownSession
-from .uploads import Uploads, replayed
-from .validation import ChatRequest, SessionBody
+from .sessions import session_router
+from .store import SessionStore, UnknownSession
+from .uploads import Uploads
+from .validation import ChatRequest
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -124,81 +124,14 @@ def create_app(
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    # -- sessions --
-
-    @api.post("/sessions", status_code=201)
-    async def create_session(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = SessionBody.model_validate_json(raw) if raw.strip() else SessionBody()
-        except ValidationError as e:
-            raise RequestValidationError(e.errors(include_url=False)) from e
-        if body.name is not None and is_base(body.name):
-            raise SessionNameTaken(f"{body.name!r} names the served model")
-        session_id = await in_thread(store.create, body.name)
-        return await in_thread(store.info, session_id)
-
-    @api.get("/sessions")
-    async def list_sessions() -> dict:
-        sessions = await in_thread(store.summaries)
-        return {"object": "list", "data": [s["id"] for s in sessions], "sessions": sessions}
-
-    @api.get("/sessions/{key}")
-    async def get_session(key: str) -> dict:
-        return await in_thread(store.info, await in_thread(store.find, key))
-
-    @api.delete("/sessions/{key}")
-    async def delete_session(key: str) -> dict:
-        session_id = await in_thread(store.find, key)
-        await in_thread(store.delete, session_id)
-        uploads.forget(f"session {session_id}")
-        return {"id": session_id, "object": "session.deleted", "deleted": True}
-
-    @api.post("/sessions/{key}/documents", status_code=201)
-    async def add_document(key: str, request: Request):
-        session_id = await in_thread(store.find, key)
-        target = f"session {session_id}"
-        async with uploads.once(request, target) as replay:
-            if replay.response is not None:
-                return replayed(replay.response)
-            replay.kept = await absorb_document(session_id, target, request)
-        return replay.kept
-
-    async def absorb_document(session_id: str, target: str, request: Request) -> dict:
-        """Read, encode and add one uploaded document to the session; its response."""
-        data, name, _ = await read_document(request)
-        if len(data) > config.max_document_bytes:
-            raise ApiError(
-                413,
-                f"document is {len(data)} bytes; the limit is {config.max_document_bytes}",
-                "document_too_large",
-            )
-        chunks = await in_thread(tokenize_document, data)
-        with store.pinned(session_id):
-            # Budget and cap first (checked again when it is added): a refused document costs
-            # no encoding.
-            await in_thread(store.check_room, session_id, [len(c) for c in chunks])
-            check_capacity()
-            start = time.perf_counter()
-            memory = model.new_memory()
-            async with uploads.absorbing(request, target, len(chunks)) as upload:
-                delta = await asyncio.wrap_future(worker.encode(chunks, memory, upload))
-                upload.check()  # its client left while the last chunk ran: not added
-            doc = DocumentInfo(name, len(data), delta.tokens, delta.chunks, time.time())
-            await in_thread(store.add, session_id, delta, doc, memory)
-        return {
-            "object": "session.document",
-            "session_id": session_id,
-            "document": vars(doc),
-            "seconds": round(time.perf_counter() - start, 3),
-            "session": await in_thread(store.info, session_id),
-        }
-
-    async def read_document(request: Request) -> tuple[bytes, str | None, bool]:
-        return await documents.read_document(request, config.max_document_bytes)
-
-    def tokenize_document(data: bytes) -> list[list[int]]:
-        return documents.tokenize_document(model, data, config.max_document_tokens)
+    read_document = partial(documents.read_document, max_bytes=config.max_document_bytes)
+    tokenize_document = partial(
+        documents.tokenize_document, model, limit=config.max_document_tokens
+    )
+    uploading = (uploads, read_document, tokenize_document, config.max_document_bytes)
+    api.include_router(
+        session_router(store, worker, in_thread, check_capacity, is_base, *uploading)
+    )
 
     # -- chat --
 
@@ -390,18 +323,7 @@ def create_app(
     async def stats() -> dict:
         return {"object": "stats", **await in_thread(store.stats), "pending": worker.pending}
 
-    api.include_router(
-        library_router(
-            libraries,
-            worker,
-            uploads,
-            in_thread,
-            read_document,
-            check_capacity,
-            config.max_document_bytes,
-            tokenize_document,
-        )
-    )
+    api.include_router(library_router(libraries, worker, in_thread, check_capacity, *uploading))
     app = FastAPI(title="genadapter", lifespan=lifespan)
     app.include_router(api)
     app.state.store, app.state.worker, app.state.config = store, worker, config

@@ -3,6 +3,8 @@ then its token chunks, within the server's limits."""
 
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -54,3 +56,13 @@ def tokenize_document(model, data: bytes, limit: int) -> list[list[int]]:
             raise ApiError(413, f"document is over {limit} tokens, the limit", "document_too_large")
         chunks.append(chunk)
     return chunks
+
+
+def entry_name_of_file(filename: str) -> str | None:
+    """An entry name made from an upload's file name: its last path part, each run of other
+    characters than letters, digits, '.', '_' and '-' made one '-', leading ones dropped, at most
+    128 characters ("my notes.txt" -> "my-notes.txt"); None when nothing is left."""
+    base = re.split(r"[\\/]", filename)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
+    return name or None

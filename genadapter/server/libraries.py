@@ -32,6 +32,7 @@ from ..library_entry import NAME_RE as ENTRY_NAME
 from ..memory_read import Layout
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
+from .documents import entry_name_of_file
 from .errors import ApiError
 from .uploads import Upload, Uploads, replayed
 from .worker import ModelWorker
@@ -229,16 +230,6 @@ class LibraryStore:
                 return self.worker.call(build).result()
 
 
-def entry_name_of_file(filename: str) -> str | None:
-    """An entry name made from an upload's file name: its last path part, each run of other
-    characters than letters, digits, '.', '_' and '-' made one '-', leading ones dropped, at most
-    128 characters ("my notes.txt" -> "my-notes.txt"); None when nothing is left."""
-    base = re.split(r"[\\/]", filename)[-1]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base)
-    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
-    return name or None
-
-
 def entry_info(entry) -> dict:
     """An Entry as the API shows it (memory_tokens and memory_bytes: its context memory's, 0 for
     an entry added before entries kept one)."""
@@ -263,16 +254,17 @@ def library_errors(name: str) -> Iterator[None]:
 def library_router(
     store: LibraryStore,
     worker: ModelWorker,
-    uploads: Uploads,
     in_thread: Callable[..., Awaitable],
-    read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     check_capacity: Callable[[], None],
-    max_document_bytes: int,
+    uploads: Uploads,
+    read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     tokenize_document: Callable[[bytes], list[list[int]]],
+    max_document_bytes: int,
 ) -> APIRouter:
-    """The /libraries endpoints (include under /v1 with the key check). `read_document` gives a
-    request's document bytes and name, and `tokenize_document` its token chunks (an ApiError 413
-    over the token limit), as for sessions; documents over `max_document_bytes` are a 413 too."""
+    """The /libraries endpoints (include under /v1 with the key check). Uploads as for sessions
+    (sessions.py): `read_document` gives a request's document bytes and name, `tokenize_document`
+    its token chunks (an ApiError 413 over the token limit), and documents over
+    `max_document_bytes` are a 413 too."""
     api = APIRouter()
     model = store.model
 

@@ -49,10 +49,15 @@ Bias = Annotated[float, Field(ge=-100, le=100)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class ChatRequest(BaseModel):
-    """OpenAI's chat completion request; other OpenAI fields are accepted and unused."""
+# OpenAI request fields that ask for nothing this server would do otherwise: accepted as no-ops.
+NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request. Every field is honoured or refused (`refuse_unsupported`):
+    none is silently dropped, so a client relying on one learns at once that it does not work."""
+
+    model_config = ConfigDict(extra="allow")
 
     messages: list[Message] = Field(min_length=1)
     model: str | None = Field(None, max_length=256)
@@ -74,6 +79,12 @@ class ChatRequest(BaseModel):
     logit_bias: dict[TokenId, Bias] | None = Field(None, max_length=1024)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Not implemented: accepted only where they ask for nothing (refuse_unsupported).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -87,13 +98,33 @@ class ChatRequest(BaseModel):
         """max_tokens, or its newer name max_completion_tokens; None when neither is given."""
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
+    def refuse_unsupported(self) -> None:
+        """ApiError 400 `unsupported_parameter`, naming the field, for a request that asks for
+        what this server does not do: tool or function calls (tools are accepted only with
+        tool_choice "none"), a response_format other than text, logprobs, or a field that is
+        not OpenAI's (other than NO_OP_FIELDS)."""
+
+        def refuse(param: str, message: str):
+            raise ApiError(400, message, "unsupported_parameter", param)
+
+        if self.logprobs or self.top_logprobs:
+            refuse("logprobs", "this server does not return logprobs")
+        if self.tool_choice not in (None, "none", "auto"):
+            refuse("tool_choice", 'this server calls no tools: tool_choice may only be "none"')
+        if self.tools and self.tool_choice != "none":
+            refuse("tools", 'this server calls no tools: send none, or tool_choice "none"')
+        if self.functions or self.function_call not in (None, "none"):
+            refuse("functions", "this server calls no functions")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            refuse("response_format", f"response_format {kind!r} is not supported: text only")
+        for name in (self.model_extra or {}).keys() - NO_OP_FIELDS:
+            refuse(name, f"unknown or unsupported parameter {name!r}")
+
     def sampling(self, max_new_tokens: int, vocab_size: int) -> tuple[SamplingParams, LogitAdjust]:
         """The worker's settings for this request; ApiError (400) for what this server cannot
-        do or what does not fit the model."""
-        if self.logprobs or self.top_logprobs:
-            raise ApiError(
-                400, "this server does not return logprobs", "unsupported_parameter", "logprobs"
-            )
+        do (refuse_unsupported) or what does not fit the model."""
+        self.refuse_unsupported()
         bias = self.logit_bias or {}
         if any(t >= vocab_size for t in bias):
             raise ApiError(
