@@ -324,11 +324,16 @@ def test_eval_command_writes_table_json_and_charts(tmp_path):
     assert out.returncode == 0, out.stderr
     assert_umask_modes(tmp_path, include_root=False)  # results.json and the charts
     table = out.stdout.splitlines()
-    assert "recovered" in table[0] and sum(line.startswith("completion ") for line in table) == 1
+    assert "recovered" in table[0]
+    # one row in the main table; the other-document controls in the suite's own table below it
+    assert sum(line.startswith("completion ") and "perplexity" in line for line in table) == 1
+    assert "memory (other doc)" in out.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["suites"]) == ["completion"]  # a suite named twice runs once
     assert results["config"]["limit"] == "tiny" and results["config"]["seconds"] > 0
-    assert (tmp_path / "completion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # completion has methods of its own (the controls): one chart per headline metric
+    chart = tmp_path / "completion-perplexity.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_command_rejects_bad_arguments(tmp_path):
