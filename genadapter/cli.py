@@ -373,7 +373,10 @@ def _add_merge(sub) -> None:
         help="merge saved sessions, or PEFT LoRA folders, into one",
         description="Merge saved sessions into a session (their states by --method, their "
         "memories joined), or PEFT LoRA folders (e.g. from `genadapter export --peft`) into a "
-        "LoRA folder. `sum` of sessions is exactly one session that absorbed all their documents.",
+        "LoRA folder. `sum` of sessions is exactly one session that absorbed all their documents. "
+        "Cost, two rank-32 SmolLM2-135M LoRAs on a quiet 2-core CPU: sum 2 s, ties 14 s (about 6 s "
+        "of imports, then PEFT's magnitude pruning of the dense deltas and an SVD per layer); "
+        "sessions: sum 2 s, ties 6 s. No model is loaded.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="session or PEFT LoRA folders")
     p.add_argument("--method", choices=MERGE_METHODS, default="sum", help="(default: sum)")
@@ -399,7 +402,10 @@ def _add_bench(sub) -> None:
     )
     add_model_args(p)
     p.add_argument(
-        "--quick", action="store_true", help="tiny sizes, seconds, for tests (default: off)"
+        "--quick",
+        action="store_true",
+        help="tiny sizes, for tests: about 20 s on a quiet 2-core CPU, minutes on a loaded one "
+        "(default: off; the full run takes about 8 minutes there)",
     )
     p.add_argument(
         "--library",
