@@ -442,7 +442,7 @@ NAMED_TOOL = {"type": "function", "function": {"name": "get_time"}}
         ({"tools": [TOOL], "tool_choice": NAMED_TOOL}, 400, "tool_choice"),
         ({"tool_choice": "bogus"}, 400, "tool_choice"),
         ({"functions": [TOOL["function"]]}, 400, "functions"),
-        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"response_format": {"type": "regex"}}, 400, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format"),
         ({"reasoning_effort": "high"}, 400, "reasoning_effort"),
         ({"temprature": 0.5}, 400, "temprature"),  # a misspelt field is not silently dropped

@@ -33,6 +33,7 @@ from ..model import AdaptedModel
 from . import documents
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
+from .grammar import GrammarError, Grammars
 from .libraries import DEFAULT_K, LibraryStore, library_router
 from .sessions import session_router
 from .store import SessionStore, UnknownSession
@@ -82,6 +83,7 @@ def create_app(
     )
     worker = ModelWorker(model, config.max_batch, config.encode_chunks_per_turn)
     uploads = Uploads(store.root)
+    grammars = Grammars(model.tokenizer, worker.vocab_size)
     libraries = LibraryStore(store_dir, model, worker)
     tokenizer = model.tokenizer
     model_name = model.base_name
@@ -247,7 +249,11 @@ def create_app(
                         session, messages, body, prompt, params.max_new_tokens
                     )
         check_capacity()
-        job = worker.chat(prompt, state, params, adjust, routes)
+        try:
+            grammar = await in_thread(grammars.matcher, body.response_format)
+        except GrammarError as e:
+            raise ApiError(400, str(e), "invalid_value", "response_format") from e
+        job = worker.chat(prompt, state, params, adjust, routes, grammar)
         completion = Completion(job, worker, tokenizer, params.stop)
         meta = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",

@@ -14,6 +14,7 @@ import torch
 from ..generation import SamplingParams, sample
 from ..memory_read import Layout
 from ..state import AdapterState
+from .grammar import constrain
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ChatJob:
     adjust: LogitAdjust | None = None
     # Layer name -> Routes: a chat routed over a library (routed.py) instead of one state.
     routes: dict | None = None
+    # An xgrammar GrammarMatcher: the answer must follow the request's response_format.
+    grammar: object | None = None
     tokens: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # set by the reader (client gone, stop string seen)
 
@@ -89,7 +92,8 @@ class Row:
         return row
 
     def pick(self, logits: torch.Tensor) -> int:
-        """The next token from this row's logits (adjusted, then sampled)."""
+        """The next token from this row's logits (adjusted, constrained to its grammar, then
+        sampled)."""
         if self.bias is not None or self.counts is not None:
             logits = logits.float()
             if self.bias is not None:
@@ -98,7 +102,11 @@ class Row:
                 counts = self.counts[: logits.shape[-1]]
                 logits = logits - self.job.adjust.frequency_penalty * counts
                 logits = logits - self.job.adjust.presence_penalty * (counts > 0).float()
+        if self.job.grammar is not None:
+            logits = constrain(self.job.grammar, logits)
         token = sample(logits, self.job.params, self.rng)
+        if self.job.grammar is not None:
+            self.job.grammar.accept_token(token)
         if self.counts is not None:
             self.counts[token] += 1
         return token

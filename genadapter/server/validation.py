@@ -101,8 +101,8 @@ class ChatRequest(BaseModel):
     def refuse_unsupported(self) -> None:
         """ApiError 400 `unsupported_parameter`, naming the field, for a request that asks for
         what this server does not do: tool or function calls (tools are accepted only with
-        tool_choice "none"), a response_format other than text, logprobs, or a field that is
-        not OpenAI's (other than NO_OP_FIELDS)."""
+        tool_choice "none"), a response_format other than text, json_object and json_schema
+        (grammar.py), logprobs, or a field that is not OpenAI's (other than NO_OP_FIELDS)."""
 
         def refuse(param: str, message: str):
             raise ApiError(400, message, "unsupported_parameter", param)
@@ -116,8 +116,16 @@ class ChatRequest(BaseModel):
         if self.functions or self.function_call not in (None, "none"):
             refuse("functions", "this server calls no functions")
         kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            refuse("response_format", f"response_format {kind!r} is not supported: text only")
+        if kind not in ("text", "json_object", "json_schema"):
+            refuse("response_format", f"response_format {kind!r}: text, json_object or json_schema")
+        schema = (self.response_format or {}).get("json_schema")
+        if kind == "json_schema" and not (isinstance(schema, dict) and "schema" in schema):
+            raise ApiError(
+                400,
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                "invalid_value",
+                "response_format",
+            )
         for name in (self.model_extra or {}).keys() - NO_OP_FIELDS:
             refuse(name, f"unknown or unsupported parameter {name!r}")
 

@@ -109,21 +109,21 @@ class ModelWorker:
         params: SamplingParams,
         adjust: LogitAdjust | None = None,
         routes: dict | None = None,
+        grammar: object | None = None,
     ) -> ChatJob:
         """Queue a chat; its tokens, then one Finished, arrive on the job's queue. `prompt` is
         token ids, or a Layout that reads a session's memory (Session.chat_layout). With `routes`
         (Library.routes: layer name -> Routes) and no state, the chat is routed over a library
         (routed.py) instead of running under one state; its Layout reads the memories of the
-        library's entries (server/libraries.py)."""
+        library's entries (server/libraries.py). `grammar` (grammar.py) constrains the answer."""
         if not prompt:
             raise ValueError("empty prompt")
         if routes is not None and state is not None:
             raise ValueError("a chat runs under one state or is routed, not both")
         if isinstance(prompt, Layout) and prompt.read is None:
             prompt = prompt.header + prompt.rest  # nothing read: the plain prompt
-        job = ChatJob(
-            prompt if isinstance(prompt, Layout) else list(prompt), state, params, adjust, routes
-        )
+        prompt = prompt if isinstance(prompt, Layout) else list(prompt)
+        job = ChatJob(prompt, state, params, adjust, routes, grammar)
         self._inbox.put(job)
         return job
 
