@@ -121,9 +121,15 @@ def _score_other(model, previous, session, sums: dict, seconds: dict) -> None:
     """Score the previous document's target under `session` (another document's) as the
     OTHER_DOCUMENT methods, into its record and the sums."""
     target, record = previous
-    n = len(target) - 1
-    for method, ids, first, state, memory in _absorbed(target, session, OTHER):
-        if method not in OTHER_DOCUMENT or (method.startswith("memory") and memory is None):
+    rows = [r for r in _absorbed(target, session, OTHER) if r[0] in OTHER_DOCUMENT]
+    _score(model, rows, len(target) - 1, record, sums, seconds)
+
+
+def _score(model, rows, n: int, record: dict, sums: dict, seconds: dict) -> None:
+    """Score each (method, ids, first, state, memory) row (memory methods only with a memory)
+    into `record`, the summed NLL and the seconds."""
+    for method, ids, first, state, memory in rows:
+        if method.startswith("memory") and memory is None:
             continue
         start = time.perf_counter()
         nll = _nll_sum(model, ids, first, state, memory)
@@ -156,18 +162,12 @@ def suite_completion(model, limits: Limits, seed: int, split: str, progress: boo
         session.absorb(model.tokenizer.decode(doc.context_ids))
         absorb_seconds += time.perf_counter() - start
         record = {"doc_id": doc.doc_id, "context_tokens": len(doc.context_ids), "scored": n}
-        for method, ids, first, state, memory in (
+        rows = (
             ("base", target, 1, None, None),
             ("prompt", context + target, len(context) + 1, None, None),
             *_absorbed(target, session, ""),
-        ):
-            if method.startswith("memory") and memory is None:
-                continue
-            start = time.perf_counter()
-            nll = _nll_sum(model, ids, first, state, memory)
-            seconds[method] += time.perf_counter() - start
-            sums[method] += nll
-            record[method] = {"perplexity": metrics.perplexity([nll], [n])}
+        )
+        _score(model, rows, n, record, sums, seconds)
         # The control: the previous document's target under this document's session (the
         # first's under the last's, below). Is it the document, or text of its kind?
         if previous is not None:

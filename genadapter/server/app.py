@@ -130,7 +130,7 @@ def create_app(
     tokenize_document = partial(
         documents.tokenize_document, model, limit=config.max_document_tokens
     )
-    uploading = (uploads, read_document, tokenize_document, config.max_document_bytes)
+    uploading = (uploads, read_document, tokenize_document)
     api.include_router(
         session_router(store, worker, in_thread, check_capacity, is_base, *uploading)
     )

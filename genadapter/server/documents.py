@@ -15,9 +15,18 @@ from .validation import DocumentBody
 
 
 async def read_document(request: Request, max_bytes: int) -> tuple[bytes, str | None, bool]:
-    """A document upload's bytes, name, and whether that name is the upload's file name: a
-    text/plain (or markdown, octet-stream) body, JSON {"text", "name"}, or a multipart `file`;
-    a name given (JSON `name`, `?name=`) comes before the file's. ApiError 415 for another
+    """A document upload's bytes, name, and whether that name is the upload's file name; ApiError
+    413 for a document over `max_bytes` (document_too_large)."""
+    data, name, from_file = await _read(request, max_bytes)
+    if len(data) > max_bytes:
+        message = f"document is {len(data)} bytes; the limit is {max_bytes}"
+        raise ApiError(413, message, "document_too_large")
+    return data, name, from_file
+
+
+async def _read(request: Request, max_bytes: int) -> tuple[bytes, str | None, bool]:
+    """A text/plain (or markdown, octet-stream) body, JSON {"text", "name"}, or a multipart
+    `file`; a name given (JSON `name`, `?name=`) comes before the file's. ApiError 415 for another
     content type, 422 for a multipart upload without `file`."""
     kind = request.headers.get("content-type", "text/plain").split(";")[0].strip().lower()
     name = request.query_params.get("name")

@@ -259,12 +259,10 @@ def library_router(
     uploads: Uploads,
     read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     tokenize_document: Callable[[bytes], list[list[int]]],
-    max_document_bytes: int,
 ) -> APIRouter:
     """The /libraries endpoints (include under /v1 with the key check). Uploads as for sessions
-    (sessions.py): `read_document` gives a request's document bytes and name, `tokenize_document`
-    its token chunks (an ApiError 413 over the token limit), and documents over
-    `max_document_bytes` are a 413 too."""
+    (sessions.py): `read_document` gives a request's document bytes and name (a 413 over the byte
+    limit), `tokenize_document` its token chunks (a 413 over the token limit)."""
     api = APIRouter()
     model = store.model
 
@@ -322,12 +320,6 @@ def library_router(
                 f"{entry!r}",
                 "invalid_body",
                 "name",
-            )
-        if len(data) > max_document_bytes:
-            raise ApiError(
-                413,
-                f"document is {len(data)} bytes; the limit is {max_document_bytes}",
-                "document_too_large",
             )
         chunks = await in_thread(tokenize_document, data)
         check_capacity()

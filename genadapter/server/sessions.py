@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from .errors import ApiError
 from .store import DocumentInfo, SessionNameTaken, SessionStore
 from .uploads import Uploads, replayed
 from .validation import SessionBody
@@ -28,12 +27,11 @@ def session_router(
     uploads: Uploads,
     read_document: Callable[[Request], Awaitable[tuple[bytes, str | None, bool]]],
     tokenize_document: Callable[[bytes], list[list[int]]],
-    max_document_bytes: int,
 ) -> APIRouter:
     """The /sessions endpoints (include under /v1 with the key check). `is_base` tells a name
     that means the served model (no session may take it); `read_document` gives a request's
-    document bytes and name, `tokenize_document` its token chunks (an ApiError 413 over the token
-    limit); documents over `max_document_bytes` are a 413 too."""
+    document bytes and name (an ApiError 413 over the byte limit), `tokenize_document` its token
+    chunks (a 413 over the token limit)."""
     api = APIRouter()
     model = store.model
 
@@ -78,12 +76,6 @@ def session_router(
     async def absorb_document(session_id: str, target: str, request: Request) -> dict:
         """Read, encode and add one uploaded document to the session; its response."""
         data, name, _ = await read_document(request)
-        if len(data) > max_document_bytes:
-            raise ApiError(
-                413,
-                f"document is {len(data)} bytes; the limit is {max_document_bytes}",
-                "document_too_large",
-            )
         chunks = await in_thread(tokenize_document, data)
         with store.pinned(session_id):
             # Budget and cap first (checked again when it is added): a refused document costs
