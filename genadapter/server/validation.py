@@ -79,7 +79,8 @@ class ChatRequest(BaseModel):
     logit_bias: dict[TokenId, Bias] | None = Field(None, max_length=1024)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Not implemented: accepted only where they ask for nothing (refuse_unsupported).
+    # Tool and function calls are not implemented: accepted only where they ask for nothing
+    # (refuse_unsupported). response_format: text, or JSON by grammar (grammar.py).
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
@@ -126,7 +127,7 @@ class ChatRequest(BaseModel):
                 "invalid_value",
                 "response_format",
             )
-        for name in (self.model_extra or {}).keys() - NO_OP_FIELDS:
+        for name in sorted((self.model_extra or {}).keys() - NO_OP_FIELDS):
             refuse(name, f"unknown or unsupported parameter {name!r}")
 
     def sampling(self, max_new_tokens: int, vocab_size: int) -> tuple[SamplingParams, LogitAdjust]:
