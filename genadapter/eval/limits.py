@@ -65,7 +65,7 @@ LIMITS = {
         library_target=12,
         library_queries=2,
         library_new_tokens=2,
-        beyond_window=512,
+        beyond_window=256,
         beyond_questions=1,
     ),
     "small": Limits(12, 1024, 256, 10, 3, 12, (2048, 8192, 32768), 2, 16, 8, 5, 4, 24, 30, 4, 3),
