@@ -249,10 +249,12 @@ def create_app(
                         session, messages, body, prompt, params.max_new_tokens
                     )
         check_capacity()
-        try:
-            grammar = await in_thread(grammars.matcher, body.response_format)
-        except GrammarError as e:
-            raise ApiError(400, str(e), "invalid_value", "response_format") from e
+        grammar = None
+        if body.response_format is not None:  # compiling may take a while: not in the loop
+            try:
+                grammar = await in_thread(grammars.matcher, body.response_format)
+            except GrammarError as e:
+                raise ApiError(400, str(e), "invalid_value", "response_format") from e
         job = worker.chat(prompt, state, params, adjust, routes, grammar)
         completion = Completion(job, worker, tokenizer, params.stop)
         meta = {
