@@ -54,11 +54,10 @@ def test_absorb_command_quantizes_the_base_when_asked(model, tmp_path):
     # (tests/test_quantize.py bounds how close) but not identical.
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
-    out = run_cli(
-        "absorb", str(doc), "--out", str(tmp_path / "q"), "--chunk-tokens", "64",
-        "--quantize", "int8",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    from genadapter import cli
+
+    argv = ["absorb", str(doc), "--out", str(tmp_path / "q"), "--chunk-tokens", "64"]
+    assert cli.main([*argv, "--quantize", "int8"]) == 0  # in this process: no 3-4 s of imports
     loaded = model.load_session(tmp_path / "q")
     direct = model.session()
     direct.absorb(DOCUMENT)
@@ -142,11 +141,11 @@ def test_library_commands_add_list_and_remove(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
     lib = tmp_path / "lib"
-    out = run_cli("library", "add", str(lib), "rail", str(doc), str(doc), "--chunk-tokens", "64")
-    assert out.returncode == 0, out.stderr
+    # Every action in this process (the same main(); a new interpreter each is 3-4 s).
+    argv = ["library", "add", str(lib), "rail", str(doc), str(doc), "--chunk-tokens", "64"]
+    assert cli.main(argv) == 0
     (entry,) = Library.open(lib).list()
     assert entry.name == "rail" and entry.documents == 2 and entry.tokens > 100
-    # The other actions in this process (the same main(); a new interpreter each is 3-4 s).
     capsys.readouterr()
     assert cli.main(["library", "list", str(lib)]) == 0
     stdout = capsys.readouterr().out

@@ -7,13 +7,16 @@ packages."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from genadapter import corpora
+from genadapter.base import load_base
 from genadapter.corpora import split_of
 from genadapter.eval import SUITES, is_eval_document, run_suites
 from genadapter.eval import metrics as m
@@ -35,8 +38,10 @@ from genadapter.eval.runner import (
     run_questions,
 )
 from genadapter.eval.sft import SFTBaseline
+from genadapter.generator import Generator
+from genadapter.model import AdaptedModel
 
-from .conftest import DOCUMENT, UMASK, assert_umask_modes
+from .conftest import DOCUMENT, TEST_CHUNK, UMASK, assert_umask_modes, make_tiny_base
 
 # -- metrics, checked by hand ----------------------------------------------------------------------
 
@@ -188,8 +193,22 @@ def test_prompting_keeps_the_most_recent_context(model):
 
 
 @pytest.fixture(scope="module")
-def tiny_results(untrained_model):
-    return run_suites(untrained_model, SUITES, limit="tiny", seed=0, progress=False)
+def tiny_results(untrained_model, tmp_path_factory):
+    """Every suite at the tiny limit on a small random Llama with the default tokenizer and a
+    fresh generator: what these tests check is the suites' plumbing and that B = 0 changes
+    nothing, which holds for any base (the default base takes 80 s here, this one a few).
+    Behaviour of the real base: `prompted_results` below."""
+    folder = make_tiny_base(tmp_path_factory.mktemp("tiny-base"), untrained_model.tokenizer)
+    base = load_base(str(folder), device="cpu", dtype=torch.float32)
+    model = AdaptedModel(base, Generator.for_base(base.model), chunk_tokens=TEST_CHUNK)
+    return run_suites(model, SUITES, limit="tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompted_results(untrained_model):
+    """completion and qa at the tiny limit on the default base (no SFT baseline)."""
+    limits = replace(LIMITS["tiny"], sft_steps=0)
+    return run_suites(untrained_model, ["completion", "qa"], limits, seed=0, progress=False)
 
 
 def test_every_suite_runs_on_a_tiny_limit(tiny_results, tmp_path):
@@ -255,17 +274,25 @@ def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
 
 def test_library_suite_rows_hold_every_condition(tiny_results):
     # eval/library_suite.py at tiny: a 2-document library (one corpus, one QA document). With
-    # B = 0 every state and every routing is the base, bit for bit; only prompting differs.
+    # B = 0 every state and every routing is the base, bit for bit, and an entry's state adds
+    # nothing to its memory; prompting and the memories differ.
     rows = tiny_results["suites"]["library"]
     assert [r["name"] for r in rows] == ["library N=2", "library qa N=2"]
+    corpus, qa = rows
+    assert list(qa["methods"]) == list(CONDITIONS)
+    # a continuation has no question for the library's search: no "library" column
+    assert list(corpus["methods"]) == [c for c in CONDITIONS if c != "library"]
     for row in rows:
-        assert list(row["methods"]) == list(CONDITIONS)
         for record in row["records"]:
-            for c in CONDITIONS:
-                if c != "prompt":
+            for c in row["methods"]:
+                if c not in ("prompt", "memory", "memory+adapter", "library"):
                     assert record[c] == record["base"], c
+            assert record["memory+adapter"] == record["memory"]
         assert set(row["retrieval"]) == {"lexical", "internal", "behaviour"}
         assert row["decode"] is None  # not timed at tiny (bench_library is tested in test_bench)
+    # the entry's memory is its document's text: it changes the continuation's likelihood
+    (record,) = corpus["records"]
+    assert record["memory"]["perplexity"] != record["base"]["perplexity"]
 
 
 def test_closedbook_documents_are_unrelated_to_their_questions():
@@ -278,10 +305,10 @@ def test_closedbook_documents_are_unrelated_to_their_questions():
         assert not any(a.lower() in e.context.lower() for a in e.questions[0].answers if len(a) > 2)
 
 
-def test_prompting_uses_the_context(tiny_results):
-    completion = tiny_results["suites"]["completion"][0]["methods"]
+def test_prompting_uses_the_context(prompted_results):
+    completion = prompted_results["suites"]["completion"][0]["methods"]
     assert completion["prompt"]["perplexity"] < completion["base"]["perplexity"]
-    records = [r for row in tiny_results["suites"]["qa"] for r in row["records"]]
+    records = [r for row in prompted_results["suites"]["qa"] for r in row["records"]]
     assert any(r["prompt"]["answer"] != r["base"]["answer"] for r in records)
     assert all(r["prompt_context_tokens"] >= r["context_tokens"] - 2 for r in records)
 
@@ -296,7 +323,7 @@ def test_adapter_answers_from_the_absorbed_state(random_model):
 
 def test_sft_baseline_fits_the_context_on_a_copy(model):
     before = {n: p.clone() for n, p in model.base.named_parameters()}
-    sft = SFTBaseline(model, steps=4, lr=2e-3)
+    sft = SFTBaseline(model, steps=2, lr=4e-3)
     ids = torch.tensor([model.tokenizer.encode(DOCUMENT)])
     loss = lambda: sft.model.base(input_ids=ids, labels=ids).loss.item()  # noqa: E731
     start = loss()
@@ -312,22 +339,23 @@ def test_sft_baseline_fits_the_context_on_a_copy(model):
 # -- the command line ------------------------------------------------------------------------------
 
 
-def test_eval_command_writes_table_json_and_charts(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "genadapter.cli", "eval", *["--suite", "completion"] * 2]
-        + ["--limit", "tiny", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        umask=UMASK,
-    )
-    assert out.returncode == 0, out.stderr
+def test_eval_command_writes_table_json_and_charts(tmp_path, capsys):
+    from genadapter import cli
+
+    # main() in this process (a new interpreter is 3-4 s of imports), under the tests' umask.
+    argv = ["eval", *["--suite", "completion"] * 2, "--limit", "tiny", "--out", str(tmp_path)]
+    previous = os.umask(UMASK)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        os.umask(previous)
+    out = capsys.readouterr()
     assert_umask_modes(tmp_path, include_root=False)  # results.json and the charts
-    table = out.stdout.splitlines()
+    table = out.out.splitlines()
     assert "recovered" in table[0]
     # one row in the main table; the other-document controls in the suite's own table below it
     assert sum(line.startswith("completion ") and "perplexity" in line for line in table) == 1
-    assert "memory (other doc)" in out.stdout
+    assert "memory (other doc)" in out.out
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["suites"]) == ["completion"]  # a suite named twice runs once
     assert results["config"]["limit"] == "tiny" and results["config"]["seconds"] > 0

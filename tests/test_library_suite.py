@@ -35,23 +35,29 @@ def test_library_documents_mix_corpus_and_qa_documents_in_a_fixed_order(model):
 
 
 def test_routing_over_one_document_is_its_oracle_exactly(random_model, tmp_path):
-    # One stored document: every routed k, the sum of all states and the oracle are one state.
+    # One stored document: every routed k, the sum of all states and the oracle are one state;
+    # the entry's memory is read by the memory conditions, with and without its state.
     doc = library_documents(random_model.tokenizer, 1, 32, 12, seed=0, split="test")[0]
     library = Library.create(tmp_path / "lib", random_model)
     library.add(doc.name, doc.absorbed)
-    oracle = library.load(doc.name)[0].state
+    entry = library.load(doc.name)[0]
+    oracle, memory = entry.state, entry.memory
     summed = random_model.new_state().add_(oracle)
     nll = {
-        "base": _continuation_nll(random_model, doc, "base", None, None),
-        "adapter": _continuation_nll(random_model, doc, "adapter", oracle, None),
-        "sum": _continuation_nll(random_model, doc, "sum", summed, None),
+        "base": _continuation_nll(random_model, doc, "base", None, None, None),
+        "adapter": _continuation_nll(random_model, doc, "adapter", oracle, None, None),
+        "sum": _continuation_nll(random_model, doc, "sum", summed, None, None),
     }
     for k in ROUTED_K:
         nll[f"routed k={k}"] = _continuation_nll(
-            random_model, doc, f"routed k={k}", None, library.session(k)
+            random_model, doc, f"routed k={k}", None, None, library.session(k)
         )
-    assert set(nll) == set(CONDITIONS) - {"prompt"}
+    both = _continuation_nll(random_model, doc, "memory+adapter", oracle, memory, None)
+    alone = _continuation_nll(random_model, doc, "memory", None, memory, None)
+    assert set(nll) | {"memory", "memory+adapter"} == set(CONDITIONS) - {"prompt", "library"}
     assert nll["base"] != nll["adapter"]  # the random generator's states change the scores
     for condition, value in nll.items():
         if condition != "base":
             assert value == nll["adapter"], condition
+    # the memory reads the document's text; the state then changes what it gives
+    assert alone != nll["base"] and both != alone

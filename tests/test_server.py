@@ -1008,7 +1008,9 @@ def serve_process(store: Path, port: int, log: Path):
     assert "Application shutdown complete" in log.read_text()
 
 
-def test_sessions_survive_a_restart(tmp_path):
+def test_sessions_survive_a_restart(model, tmp_path):
+    # The first server is a `genadapter serve` process stopped by SIGTERM; the second, over the
+    # same store, is the same model in this process (it reads only what the first left on disk).
     port = _free_port()
     messages = ask("Which locomotive is in the museum?")
     store, log = tmp_path / "store", tmp_path / "serve.log"
@@ -1020,10 +1022,10 @@ def test_sessions_survive_a_restart(tmp_path):
         chat = {"messages": messages, "session_id": sid, "max_tokens": 8, "temperature": 0}
         answer = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
     assert info["tokens"] > 0
-    with serve_process(store, port, log) as url:
-        assert httpx.get(f"{url}/v1/sessions/{sid}").json() == info
-        again = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
-    assert again["choices"] == answer["choices"]
+    with served(model, store) as again:
+        assert again.http.get(f"/v1/sessions/{sid}").json() == info
+        second = again.http.post("/v1/chat/completions", json=chat).json()
+    assert second["choices"] == answer["choices"]
 
 
 # -- the chat page -------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def nll_sum(logits: torch.Tensor, ids: list[int], first: int) -> float:
 
 
 @torch.no_grad()
-def _nll_sum(model, ids: list[int], first: int, state, memory=None) -> float:
+def nll_sum_under(model, ids: list[int], first: int, state, memory=None) -> float:
     """Summed NLL of ids[first:] under `state`, reading `memory` (the latest of it within the
     budget: the text scored is no query) laid out before `ids` as Session.text_layout does."""
     if memory is not None:
@@ -132,7 +132,7 @@ def _score(model, rows, n: int, record: dict, sums: dict, seconds: dict) -> None
         if method.startswith("memory") and memory is None:
             continue
         start = time.perf_counter()
-        nll = _nll_sum(model, ids, first, state, memory)
+        nll = nll_sum_under(model, ids, first, state, memory)
         seconds[method] += time.perf_counter() - start
         sums[method] += nll
         record[method] = {"perplexity": metrics.perplexity([nll], [n])}

@@ -10,6 +10,12 @@
               alone, no entry's memory): each token, at each adapted layer, mixes its top-K
               documents by the closed-form gates (PHATGOOSE, Muqeeth et al., arXiv 2402.05859;
               routing.py).
+* memory      that document's own entry's context memory alone (the memory's oracle);
+* memory+adapter  that entry's state and memory (the session the entry stores);
+* library     (QA only) the library's chat as the server runs it: routed k=2 states, and the
+              memories of the entries the library's lexical search finds for the question
+              (Library.session(2), library_memory.py). A continuation has no question to
+              search with, so its row has no library column.
 
 Documents: corpus documents as the completion suite picks them (the split's documents of the
 installed corpora, round robin, in an order fixed by the seed), cut to `library_context` tokens
@@ -42,14 +48,25 @@ from ..embedding import KINDS
 from ..library import Library
 from ..session import Session
 from . import metrics
-from .completion import completion_documents, nll_sum
+from .completion import completion_documents, nll_sum, nll_sum_under
 from .data import Question
 from .fictional import qa_examples
 from .limits import Limits
 from .prompts import QA_INSTRUCTION, chat_message, split_seed
 
 ROUTED_K = (1, 2, 4)
-CONDITIONS = ("base", "prompt", "adapter", "sum", *(f"routed k={k}" for k in ROUTED_K))
+CONDITIONS = (
+    "base",
+    "prompt",
+    "adapter",
+    "sum",
+    *(f"routed k={k}" for k in ROUTED_K),
+    "memory",
+    "memory+adapter",
+    "library",
+)
+LIBRARY_K = 2  # the routed k of the "library" condition (the server's default)
+QA_ONLY = ("library",)  # conditions a corpus continuation (no question) has not
 QA_EVERY = 4  # every fourth document is a generated QA document
 DECODE_K = 2  # the routed decode timed against one state
 DECODE_MIN_TOKENS = 8  # fewer new tokens (the tiny limit): the decode is not timed
@@ -150,24 +167,37 @@ def _evaluate(model, library: Library, docs, limits: Limits, absorb_seconds: flo
     for d in docs:
         summed.add_(library.load(d.name)[0].state)
     routed = {k: library.session(k, memory=False) for k in ROUTED_K}
+    with_memory = library.session(LIBRARY_K)
     nll = {c: 0.0 for c in CONDITIONS}
     qa = {c: dict.fromkeys(QA_METRICS, 0.0) for c in CONDITIONS}
     seconds = {kind: dict.fromkeys(CONDITIONS, 0.0) for kind in ("corpus", "qa")}
     corpus_records, qa_records, scored = [], [], 0
     queried = docs[: limits.library_queries]
+    keeps = model.memory_storage is not None
     for d in tqdm(queried, desc=f"library N={n} conditions", unit="doc", disable=not progress):
-        oracle = library.load(d.name)[0].state
-        states = {"base": None, "prompt": None, "adapter": oracle, "sum": summed}
+        entry = library.load(d.name)[0]
+        oracle = entry.state
+        sessions = {
+            "base": Session(model, None, memory=None),
+            "prompt": Session(model, None, memory=None),
+            "adapter": Session(model, oracle, memory=None),
+            "sum": Session(model, summed, memory=None),
+            "memory": Session(model, None, memory=entry.memory),
+            "memory+adapter": Session(model, oracle, memory=entry.memory),
+            "library": with_memory,
+        }
         record = {"doc_id": d.doc_id, "entry": d.name, "source": d.source}
-        for c in CONDITIONS:
+        for c in _conditions(keeps, d.question is not None):
             k = int(c.split("=")[1]) if c.startswith("routed") else None
             start = time.perf_counter()
             if d.question is None:
-                value = _continuation_nll(model, d, c, states.get(c), routed.get(k))
+                own = sessions.get(c)  # None: routed
+                state, memory = (own.state, own.memory) if own else (None, None)
+                value = _continuation_nll(model, d, c, state, memory, routed.get(k))
                 nll[c] += value
                 record[c] = {"perplexity": metrics.perplexity([value], [len(d.target_ids) - 1])}
             else:
-                session = routed[k] if k else Session(model, states[c])
+                session = routed[k] if k else sessions[c]
                 context = d.absorbed if c == "prompt" else None
                 message = chat_message(d.question.text, context, QA_INSTRUCTION)
                 answer = session.chat(message, max_new_tokens=limits.library_new_tokens)
@@ -190,29 +220,44 @@ def _evaluate(model, library: Library, docs, limits: Limits, absorb_seconds: flo
     }
     rows = []
     if corpus_records:
-        methods = {c: {"perplexity": metrics.perplexity([nll[c]], [scored])} for c in CONDITIONS}
+        methods = {
+            c: {"perplexity": metrics.perplexity([nll[c]], [scored])}
+            for c in _conditions(keeps, question=False)
+        }
         timed = seconds["corpus"]
         rows.append(_row(f"library N={n}", ["perplexity"], methods, timed, corpus_records, shared))
     if qa_records:
         m = len(qa_records)
-        methods = {c: {k: v / m for k, v in qa[c].items()} for c in CONDITIONS}
+        methods = {c: {k: v / m for k, v in qa[c].items()} for c in _conditions(keeps, True)}
         timed = seconds["qa"]
         rows.append(_row(f"library qa N={n}", list(QA_METRICS), methods, timed, qa_records, shared))
     return rows
 
 
+def _conditions(keeps_memory: bool, question: bool) -> list[str]:
+    """The conditions a document is scored under: the memory ones only when the model keeps
+    memories, the library's chat only for a question."""
+    return [
+        c
+        for c in CONDITIONS
+        if (keeps_memory or not c.startswith(("memory", "library")))
+        and (question or c not in QA_ONLY)
+    ]
+
+
 @torch.no_grad()
-def _continuation_nll(model, d: LibraryDocument, condition: str, state, routed) -> float:
-    """Summed NLL (nats) of the continuation's tokens but its first, under one condition."""
+def _continuation_nll(model, d: LibraryDocument, condition: str, state, memory, routed) -> float:
+    """Summed NLL (nats) of the continuation's tokens but its first, under one condition:
+    `state` and `memory` (the entry's, read as the completion suite reads one), or `routed`."""
     target = d.target_ids
     if condition == "prompt":  # the most recent context that fits the window with the target
         context = d.context_ids[-(model.max_positions - len(target)) :]
         ids, first = context + target, len(context) + 1
     else:
         ids, first = target, 1
-    x = torch.tensor([ids])
-    logits = routed.logits(x)[0] if routed is not None else model.logits(x, [state])[0]
-    return nll_sum(logits, ids, first)
+    if routed is not None:
+        return nll_sum(routed.logits(torch.tensor([ids]))[0], ids, first)
+    return nll_sum_under(model, ids, first, state, memory)
 
 
 def _row(name: str, names: list[str], methods, seconds, records, shared) -> dict:

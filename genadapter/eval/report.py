@@ -64,7 +64,10 @@ def format_table(results: dict) -> str:
                     [
                         metric,
                         str(row["n"]),
-                        *(_cell(row["methods"][k][row["metric"]]) for k in names),
+                        *(
+                            _cell(row["methods"][k][row["metric"]]) if k in row["methods"] else ""
+                            for k in names
+                        ),
                     ]
                 )
             text += ["", *_align(block)]
