@@ -7,7 +7,7 @@ For an adapted linear layer with input size d_in and output size d_out:
     S += K^T V                (r1 x r2), summed over every absorbed token ("same" pairing), or
     S += K[:-1]^T V[1:]       each token's key with the next token's value ("next" pairing);
                               "both": the first r2/2 value columns "same", the rest "next"
-    y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S)
+    y = W x + alpha * B (S_hat^T (A x)),   S_hat = normalize_svd(S, keep)
 
 A generator may also (or only) carry an LM-head adapter, GeneratorConfig.head: genadapter/head.py.
 """
@@ -52,6 +52,9 @@ class GeneratorConfig:
     head: dict | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)  # provenance: data, steps, eval figures
+    # The top `keep` singular directions of each state form S_hat (state.normalize_svd; the
+    # paper keeps r/8); None: every direction (generators trained before this option existed).
+    keep: int | None = None
 
     def __post_init__(self):
         check_pairing(self.pairing)
@@ -59,10 +62,14 @@ class GeneratorConfig:
             HeadConfig(**self.head)  # validates
         if not self.targets and self.head is None:
             raise ValueError("a generator needs target layers, a head adapter, or both")
+        if self.keep is not None and not 1 <= self.keep <= min(self.r1, self.r2):
+            raise ValueError(f"keep must be in 1..{min(self.r1, self.r2)}, got {self.keep}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        if d["keep"] is None:  # as configs were before the option: the same fingerprint
+            del d["keep"]
         return d
 
     @classmethod
@@ -118,10 +125,13 @@ class LayerAdapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, r2))
 
     def kv_sums(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32."""
-        x = x.float()
-        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
-        return pair_sums(h @ self.Wk.T, h @ self.Wv.T, token_mask, self.pairing)
+        """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32,
+        also under a bfloat16 autocast (training's): a state summed in bf16 rounds away the
+        weak directions that inference, in float32, keeps (issue 24)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
+            return pair_sums(h @ self.Wk.T, h @ self.Wv.T, token_mask, self.pairing)
 
     def delta(self, x: torch.Tensor, s_hat: torch.Tensor) -> torch.Tensor:
         """alpha * B (S_hat^T (A x)) per sequence: x (b, t, d_in), s_hat (b, r1, r2)."""
@@ -218,7 +228,7 @@ class Generator(nn.Module):
         def one(name: str, S: torch.Tensor) -> torch.Tensor:
             if name == HEAD_NAME and self.head is not None:
                 return self.head.normalize(S, state.tokens)
-            return normalize_svd(S)
+            return normalize_svd(S, self.config.keep)
 
         return state.normalized(one)
 

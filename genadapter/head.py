@@ -112,7 +112,11 @@ class HeadAdapter(nn.Module):
                      "surprisal" (ValueError without it), ignored otherwise
         embeds:      (b, t, d) input embeddings of the tokens at positions 0..t-2; needed when
                      config.key_token (ValueError without it), ignored otherwise
-        returns      (b, r1, r2) float32"""
+        returns      (b, r1, r2) float32, also under a bfloat16 autocast"""
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 also in training
+            return self._kv_sums(hidden, next_embeds, pair_mask, surprisal, embeds)
+
+    def _kv_sums(self, hidden, next_embeds, pair_mask, surprisal, embeds) -> torch.Tensor:
         h = hidden.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
         k = h @ self.Wk.T

@@ -190,13 +190,15 @@ def kv_sums_reference(
     token_mask: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32."""
-    x = x.float()
-    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm
-    k, v = h @ Wk.T, h @ Wv.T
-    if token_mask is not None:
-        k = k * token_mask.unsqueeze(-1).to(k.dtype)
-    return k.mT @ v
+    """Per sequence, sum over its tokens of k v^T: (b, t, d_in) -> (b, r1, r2), float32 (also
+    under an autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm
+        k, v = h @ Wk.T, h @ Wv.T
+        if token_mask is not None:
+            k = k * token_mask.unsqueeze(-1).to(k.dtype)
+        return k.mT @ v
 
 
 # -- dispatch ---------------------------------------------------------------------------------

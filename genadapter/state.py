@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .polar import RANK_RTOL, TopPolarFactor
+
 log = logging.getLogger(__name__)
 
 FORMAT = "genadapter-state/2"
@@ -25,8 +27,6 @@ META_KEY = "genadapter"
 # Tensors saved beside the sums (a session's context memory, memory.py), under this name prefix.
 EXTRA_PREFIX = "memory."
 DIGEST_KEY = "genadapter_sha256"
-# Singular values below this fraction of the largest are treated as zero (float32 SVD noise).
-RANK_RTOL = 1e-5
 
 
 class CorruptStateError(ValueError):
@@ -84,14 +84,25 @@ class _PolarFactor(torch.autograd.Function):
         return grad / scale
 
 
-def normalize_svd(S: torch.Tensor) -> torch.Tensor:
+def normalize_svd(S: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """S_hat = U V^T: every kept singular value set to 1, so the adapter's scale does not depend on
-    how much context was absorbed. All-zero S gives zero; the result is always finite."""
+    how much context was absorbed. S: (..., r1, r2) any float dtype -> float32 of that shape.
+
+    `keep`: only the `keep` largest singular directions (GenerativeAdapter keeps the top 1/8 of
+    its r = 1024, arXiv 2411.05877; fastlora's `svd_lowrank`), so the noise directions of a long
+    context get no weight; None (or at least min(r1, r2)) keeps every nonzero direction. The
+    truncated factor's gradient divides by the gap between the last kept and the first dropped
+    singular value, floored at GAP_RTOL of the largest (polar.py). All-zero S gives zero; the
+    result is always finite. Raises ValueError for NaN/Inf in S or keep < 1."""
     if not torch.isfinite(S).all():
         raise ValueError("adapter state contains NaN or Inf")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be a positive number of directions, got {keep}")
     # Always float32, also under a bfloat16 autocast: S_hat is small and its SVD must be exact.
     with torch.autocast(S.device.type, enabled=False):
-        return _PolarFactor.apply(S.float())
+        if keep is None or keep >= min(S.shape[-2:]):
+            return _PolarFactor.apply(S.float())
+        return TopPolarFactor.apply(S.float(), keep)
 
 
 class AdapterState:

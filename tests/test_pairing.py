@@ -85,3 +85,42 @@ def test_pairing_survives_save_and_load_and_bad_pairing_is_rejected(tmp_path):
         GeneratorConfig(pairing="previous")
     with pytest.raises(ValueError, match="pairing"):
         loaded.set_pairing("previous")
+
+
+def test_state_sums_stay_float32_under_a_bfloat16_autocast():
+    # Training runs its passes under a bf16 autocast; the K^T V sums must not: a bf16 state
+    # rounds away the weak directions a float32 inference state keeps (issue 24, defect 1).
+    from genadapter.head import HeadAdapter, HeadConfig
+
+    gen = Generator(GeneratorConfig(r1=8, r2=8), {"layer": (32, 32)}).randomize_(seed=3)
+    head = HeadAdapter(32, HeadConfig(r1=8, r2=8), torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    x, e = torch.randn(2, 40, 32, generator=g) * 3, torch.randn(2, 40, 32, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    exact = gen.layers["layer"].kv_sums(x, mask), head.kv_sums(x, e, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = gen.layers["layer"].kv_sums(x, mask), head.kv_sums(x, e, mask)
+        bf16 = x.bfloat16().mT @ x.bfloat16()  # what the autocast does to a bare matmul
+    assert bf16.dtype == torch.bfloat16  # (the autocast is on)
+    for a, b in zip(exact, trained, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_truncated_generator_keeps_its_top_directions_through_save_and_load(tmp_path):
+    # GeneratorConfig.keep (issue 24, defect 2): S_hat from the top `keep` directions, saved
+    # with the generator; a config without it hashes as before (saved sessions stay bound).
+    from genadapter.state import AdapterState, normalize_svd
+
+    config = GeneratorConfig(r1=8, r2=8, keep=2)
+    gen = Generator(config, {"layer": (32, 32)}).randomize_(seed=3)
+    S = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
+    state = AdapterState({"layer": S}, tokens=10, chunks=1, documents=1)
+    s_hat = gen.normalized(state)["layer"]
+    assert torch.equal(s_hat, normalize_svd(S, keep=2))
+    assert torch.linalg.matrix_rank(s_hat) == 2
+    gen.save_pretrained(tmp_path / "g", "base")
+    loaded = Generator.from_pretrained(tmp_path / "g", "base")
+    assert loaded.config.keep == 2 and loaded.fingerprint() == gen.fingerprint()
+    assert "keep" not in GeneratorConfig(r1=8, r2=8).to_dict()
+    with pytest.raises(ValueError, match="keep"):
+        GeneratorConfig(r1=8, r2=8, keep=9)

@@ -2,6 +2,7 @@
 evaluation with the harness included), and DDP over two CPU processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,10 @@ def setup(model, tmp_path_factory):
     return base, tmp / "data"
 
 
-def train(out, base, data, *extra, nproc=1):
+def train(out, base, data, *extra, nproc=1, fresh_process=True):
+    """One run of training/train.py: in a fresh process (as a user runs it; DDP launches two),
+    or in this one (`fresh_process=False`, for runs whose results the test only reads back from
+    disk: it saves the interpreter's start and imports)."""
     args = [
         "--out_dir",
         str(out),
@@ -57,7 +61,7 @@ def train(out, base, data, *extra, nproc=1):
         "--eval_interval",
         "100",
         "--eval_samples",
-        "1",
+        "2",
         "--eval_qa_documents",
         "1",
         "--batch_size",
@@ -70,6 +74,11 @@ def train(out, base, data, *extra, nproc=1):
         '{"completion": 0.4, "reconstruction": 0.3, "qa": 0.3}',
         *extra,
     ]
+    if not fresh_process:
+        import train as train_script  # training/ is on sys.path (above)
+
+        train_script.main(args)
+        return None
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -91,12 +100,12 @@ def weights(folder):
 
 def test_resume_is_exact(setup, tmp_path):
     base, data = setup
-    train(tmp_path / "straight", base, data)
-    train(tmp_path / "resumed", base, data, "--stop_after", "2")
+    train(tmp_path / "straight", base, data, fresh_process=False)
+    train(tmp_path / "resumed", base, data, "--stop_after", "2", fresh_process=False)
     lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
     log = [json.loads(line) for line in lines]
     assert max(r["step"] for r in log) == 2  # really stopped half way
-    train(tmp_path / "resumed", base, data)
+    train(tmp_path / "resumed", base, data)  # the resume is a fresh process, as after a crash
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
@@ -107,6 +116,10 @@ def test_resume_is_exact(setup, tmp_path):
     assert config["config"]["extra"]["steps"] == 4
     # The periodic evaluation ran the harness's document-QA suite under every method.
     last_eval = config["config"]["extra"]["last_eval"]
+    # dev completion and reconstruction, each with the wrong-document control (issue 24)
+    for key in ("adapter", "adapter_other", "recon_adapter", "recon_other", "recon_base"):
+        assert math.isfinite(last_eval[key]) and last_eval[key] > 0, key
+    assert last_eval["own_minus_other"] == last_eval["adapter_other"] - last_eval["adapter"]
     for method in ("base", "prompt", "adapter"):
         assert 0 <= last_eval[f"qa_contains_{method}"] <= 1
         assert 0 <= last_eval[f"qa_f1_{method}"] <= 1
@@ -122,7 +135,7 @@ def test_ddp_with_two_cpu_processes(setup, tmp_path):
 
 def test_continue_with_next_pairing_and_package(setup, tmp_path):
     base, data = setup
-    train(tmp_path / "first", base, data, "--steps", "2")
+    train(tmp_path / "first", base, data, "--steps", "2", fresh_process=False)
     first = tmp_path / "first" / "generator"
     train(
         tmp_path / "second",
@@ -134,6 +147,7 @@ def test_continue_with_next_pairing_and_package(setup, tmp_path):
         str(first),
         "--pairing",
         "next",
+        fresh_process=False,
     )
     second = tmp_path / "second" / "generator"
     assert json.loads((second / "config.json").read_text())["config"]["pairing"] == "next"

@@ -53,7 +53,8 @@ class TrainConfig:
     init_from: str | None = None  # a generator folder to continue from
     r1: int = 32
     r2: int = 32
-    alpha: float = 1.0
+    alpha: float = 1.0  # the paper scales by alpha / r: pass that product here
+    keep: int | None = None  # GeneratorConfig.keep: top singular directions of S_hat (paper: r/8)
     targets: tuple[str, ...] = ("o_proj", "down_proj")
     chunk_tokens: int = 512
     pairing: str | None = None  # GeneratorConfig.pairing; None: init_from's, or "same" if fresh
@@ -211,26 +212,64 @@ def adapter_loss(
     model: AdaptedModel, samples: list[Sample], per_sample_out: list[float] | None = None
 ) -> torch.Tensor:
     S = context_states(model, samples)
-    s_hat = {n: normalize_svd(s) for n, s in S.items()}
+    keep = model.generator.config.keep
+    s_hat = {n: normalize_svd(s, keep) for n, s in S.items()}
     return target_loss(model, samples, s_hat, per_sample_out)
 
 
 @torch.no_grad()
 def evaluate(model: AdaptedModel, cfg: TrainConfig, corpus: Corpus) -> dict:
-    """Dev completion loss with no context, with the adapter, and with the context prompted."""
+    """Dev losses (mean NLL per target token) over `cfg.eval_samples` spans of 512 context
+    tokens, each with the next `target_tokens` (completion) and a span of the context itself
+    (reconstruction):
+
+    * completion: `base` (no context), `adapter` (the context's state), `prompt` (the context in
+      the prompt), `adapter_other` (another span's state: the wrong-document control) and
+      `recovered`, the share of prompting's gain the adapter recovers;
+    * reconstruction: `recon_adapter`, `recon_other` (another span's state), `recon_base`;
+    * `own_minus_other` and `recon_own_minus_other`: the wrong-document loss less the own, the
+      part of the gain that is the document's content and not its domain (issue 24).
+
+    The wrong document of span i is span i + 1 (at least two spans); with one, the controls are
+    left out."""
     rng = np.random.default_rng([cfg.seed, 999_999])
-    totals = {"base": 0.0, "adapter": 0.0, "prompt": 0.0}
-    for _ in range(cfg.eval_samples):
-        seg = corpus.segment(rng, 512 + cfg.target_tokens)
-        s = Sample("completion", seg[:512], seg[512:], seg[512:])
-        totals["base"] += target_loss(model, [s], None).item()
-        totals["adapter"] += adapter_loss(model, [s]).item()
-        prompted = Sample("prompt", [], seg, [-100] * 512 + seg[512:])
-        totals["prompt"] += target_loss(model, [prompted], None).item()
-    out = {k: v / cfg.eval_samples for k, v in totals.items()}
-    out.update({f"{k}_ppl": math.exp(v) for k, v in list(out.items())})
+    T, n = cfg.target_tokens, cfg.eval_samples
+    spans = [corpus.segment(rng, 512 + T) for _ in range(n)]
+    starts = [int(rng.integers(0, 512 - T + 1)) for _ in range(n)]
+    completion = [Sample("completion", s[:512], s[512:], s[512:]) for s in spans]
+    recon = [
+        Sample("reconstruction", s[:512], s[a : a + T], s[a : a + T]) for s, a in zip(spans, starts)
+    ]
+    states = [
+        {
+            k: normalize_svd(v, model.generator.config.keep)
+            for k, v in context_states(model, [c]).items()
+        }
+        for c in completion
+    ]
+    totals: dict[str, float] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        totals[key] = totals.get(key, 0.0) + value.item() / n
+
+    for i in range(n):
+        add("base", target_loss(model, [completion[i]], None))
+        add("adapter", target_loss(model, [completion[i]], states[i]))
+        prompted = Sample("prompt", [], spans[i], [-100] * 512 + spans[i][512:])
+        add("prompt", target_loss(model, [prompted], None))
+        add("recon_base", target_loss(model, [recon[i]], None))
+        add("recon_adapter", target_loss(model, [recon[i]], states[i]))
+        if n > 1:
+            other = states[(i + 1) % n]
+            add("adapter_other", target_loss(model, [completion[i]], other))
+            add("recon_other", target_loss(model, [recon[i]], other))
+    out = dict(totals)
+    out.update({f"{k}_ppl": math.exp(v) for k, v in totals.items()})
     gain = out["base"] - out["prompt"]
     out["recovered"] = (out["base"] - out["adapter"]) / gain if gain > 0 else float("nan")
+    if n > 1:
+        out["own_minus_other"] = out["adapter_other"] - out["adapter"]
+        out["recon_own_minus_other"] = out["recon_other"] - out["recon_adapter"]
     return out
 
 
@@ -282,10 +321,11 @@ def plot_curves(log_path: Path, png: Path) -> None:
             axes[0].plot(*zip(*pts), label=task, alpha=0.8)
     axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
     axes[0].legend()
-    for key in ("base", "adapter", "prompt"):
-        if evals:
-            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
-    axes[1].set(xlabel="step", ylabel="dev completion loss", title="held-out dev documents")
+    for key in ("base", "adapter", "prompt", "adapter_other", "recon_adapter", "recon_other"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), "o-" if "recon" not in key else "s--", label=key)
+    axes[1].set(xlabel="step", ylabel="dev loss (nats/token)", title="held-out dev documents")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -312,6 +352,7 @@ def main(argv=None) -> None:
         r1=cfg.r1,
         r2=cfg.r2,
         alpha=cfg.alpha,
+        keep=cfg.keep,
         chunk_tokens=cfg.chunk_tokens,
         pairing=cfg.pairing or "same",
         seed=cfg.seed,
@@ -346,6 +387,7 @@ def main(argv=None) -> None:
     first_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0)
     window: dict[str, list[float]] = {}
+    grad_norms: list[float] = []
     while step < cfg.steps:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
@@ -367,7 +409,8 @@ def main(argv=None) -> None:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # The norm before clipping is logged: the polar factor's backward can spike (polar.py).
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         optimizer.step()
         step += 1
         stats["seconds"] = time.perf_counter() - start
@@ -377,11 +420,12 @@ def main(argv=None) -> None:
                 "kind": "train",
                 "step": step,
                 "lr": lr_at(cfg, step - 1),
+                "grad_norm": max(grad_norms),  # the largest since the last row
                 "tokens": stats["tokens"] * world,
                 "seconds": round(stats["seconds"], 1),
                 **{t: float(np.mean(v)) for t, v in window.items()},
             }
-            window = {}
+            window, grad_norms = {}, []
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in cfg.task_mix})
@@ -400,7 +444,10 @@ def main(argv=None) -> None:
             qa = ", ".join(f"{k} {v:.2f}" for k, v in ev.items() if k.startswith("qa_contains"))
             tqdm.write(
                 f"step {step}: dev loss base {ev['base']:.3f} adapter {ev['adapter']:.3f}"
-                f" prompt {ev['prompt']:.3f} (recovered {ev['recovered']:.2f}) {qa}"
+                f" prompt {ev['prompt']:.3f} (recovered {ev['recovered']:.2f}),"
+                f" other document {ev.get('adapter_other', float('nan')):.3f};"
+                f" reconstruction {ev['recon_adapter']:.3f}"
+                f" (other {ev.get('recon_other', float('nan')):.3f}) {qa}"
             )
         if rank == 0 and (step % cfg.checkpoint_interval == 0 or step == cfg.steps or timed_out):
             save_checkpoint(ckpt, generator, optimizer, step, stats)
