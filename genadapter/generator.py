@@ -29,6 +29,7 @@ from .state import AdapterState, atomic_write, normalize_svd
 
 CONFIG_NAME = "config.json"
 PAIRINGS = ("same", "next", "both")
+KV_SOURCES = ("input", "residual")  # GeneratorConfig.kv_source
 WEIGHTS_NAME = "generator.safetensors"
 
 
@@ -55,6 +56,10 @@ class GeneratorConfig:
     # The top `keep` singular directions of each state form S_hat (state.normalize_svd; the
     # paper keeps r/8); None: every direction (generators trained before this option existed).
     keep: int | None = None
+    # Where keys and values are read from: "input", each adapted layer's own input (generators
+    # trained before this option existed); "residual", the residual stream entering the layer's
+    # decoder block, as the paper does (arXiv 2411.05877; the query stays the layer's input).
+    kv_source: str = "input"
 
     def __post_init__(self):
         check_pairing(self.pairing)
@@ -62,14 +67,19 @@ class GeneratorConfig:
             HeadConfig(**self.head)  # validates
         if not self.targets and self.head is None:
             raise ValueError("a generator needs target layers, a head adapter, or both")
+        if self.kv_source not in KV_SOURCES:
+            raise ValueError(f"kv_source must be one of {KV_SOURCES}, not {self.kv_source!r}")
         if self.keep is not None and not 1 <= self.keep <= min(self.r1, self.r2):
             raise ValueError(f"keep must be in 1..{min(self.r1, self.r2)}, got {self.keep}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
-        if d["keep"] is None:  # as configs were before the option: the same fingerprint
+        # Options at their old behaviour are left out, so older generators keep their fingerprint.
+        if d["keep"] is None:
             del d["keep"]
+        if d["kv_source"] == "input":
+            del d["kv_source"]
         return d
 
     @classmethod
@@ -101,7 +111,8 @@ def find_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Mod
 
 
 class LayerAdapter(nn.Module):
-    """Wk, Wv (context -> state) and A, B (state -> delta) for one adapted layer."""
+    """Wk, Wv (context -> state) and A, B (state -> delta) for one adapted layer. Keys and
+    values read `d_kv` features (the layer's input, d_in, or the residual stream: kv_source)."""
 
     def __init__(
         self,
@@ -112,14 +123,18 @@ class LayerAdapter(nn.Module):
         alpha: float,
         g: torch.Generator,
         pairing: str = "same",
+        d_kv: int | None = None,
+        kv_source: str = "input",
     ):
         super().__init__()
         self.alpha = alpha
         self.pairing = pairing
+        self.kv_source = kv_source
         self.eps = 1e-6
-        self.norm = nn.Parameter(torch.ones(d_in))
-        self.Wk = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
-        self.Wv = nn.Parameter(torch.randn(r2, d_in, generator=g) / d_in**0.5)
+        d_kv = d_kv or d_in
+        self.norm = nn.Parameter(torch.ones(d_kv))
+        self.Wk = nn.Parameter(torch.randn(r1, d_kv, generator=g) / d_kv**0.5)
+        self.Wv = nn.Parameter(torch.randn(r2, d_kv, generator=g) / d_kv**0.5)
         self.A = nn.Parameter(torch.randn(r1, d_in, generator=g) / d_in**0.5)
         # Zero B: a fresh generator's delta is exactly zero, so training starts from the base.
         self.B = nn.Parameter(torch.zeros(d_out, r2))
@@ -175,10 +190,21 @@ class Generator(nn.Module):
         self.shapes = dict(shapes)  # adapted layer name -> (d_in, d_out)
         self.hidden_size = hidden_size
         g = torch.Generator().manual_seed(config.seed)  # same seed, same fresh generator
+        residual = config.kv_source == "residual"
+        if residual and not hidden_size:
+            raise ValueError("keys and values from the residual stream need the hidden size")
         self.layers = nn.ModuleDict(
             {
                 _key(name): LayerAdapter(
-                    d_in, d_out, config.r1, config.r2, config.alpha, g, config.pairing
+                    d_in,
+                    d_out,
+                    config.r1,
+                    config.r2,
+                    config.alpha,
+                    g,
+                    config.pairing,
+                    hidden_size if residual else None,
+                    config.kv_source,
                 )
                 for name, (d_in, d_out) in self.shapes.items()
             }

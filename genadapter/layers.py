@@ -3,9 +3,10 @@ capture of K^T V sums during a context pass."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ class Binding:
     on_hidden:  when not None during a capture, called with each batch's token ids (b, t), its
                 token mask (b, t) and the base's last hidden states (b, t, d) (model.py): a
                 library document's lexical embedding (embedding.LexicalBag).
+    block_inputs: during a capture with a generator whose keys and values come from the residual
+                stream (GeneratorConfig.kv_source), decoder block index -> the hidden states
+                (b, t, d) entering that block, set by inject's hooks.
     """
 
     s_hat: dict[str, torch.Tensor] | None = None
@@ -47,12 +51,14 @@ class Binding:
     routes: dict[str, Routes] | None = None
     input_sums: dict[str, torch.Tensor] | None = None
     on_hidden: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class AdaptedLinear(nn.Module):
     def __init__(self, name: str, base: nn.Module, adapter: LayerAdapter, binding: Binding):
         super().__init__()
         self.name = name
+        self.block = block_index(name)
         self.base = base
         # Held outside the module tree on purpose: the generator's parameters belong to the
         # generator (saved, trained and moved with it), not to the frozen base model.
@@ -78,7 +84,8 @@ class AdaptedLinear(nn.Module):
                 return fused
         y = self.base(x)
         if b.sums is not None:
-            kv = kv_sums(x, self.adapter, b.token_mask)
+            source = x if self.adapter.kv_source == "input" else b.block_inputs[self.block]
+            kv = kv_sums(source, self.adapter, b.token_mask)
             b.sums[self.name] = b.sums[self.name] + kv if self.name in b.sums else kv
             if b.input_sums is not None:
                 xs = input_sum(x, b.token_mask)
@@ -182,7 +189,38 @@ def inject(model: nn.Module, generator: Generator) -> Binding:
     if generator.head is not None:
         head = model.get_output_embeddings()
         model.set_output_embeddings(AdaptedHead(HEAD_NAME, head, generator.head, binding))
+    if generator.config.kv_source == "residual":
+        _capture_block_inputs(model, binding, {block_index(name) for name in targets})
     return binding
+
+
+def block_index(name: str) -> int | None:
+    """The decoder block a module belongs to ("model.layers.12.self_attn.o_proj" -> 12)."""
+    found = re.search(r"\.layers\.(\d+)\.", f".{name}.")
+    return int(found.group(1)) if found else None
+
+
+def _capture_block_inputs(model: nn.Module, binding: Binding, blocks: set[int | None]) -> None:
+    """During a capture (binding.sums set), keep the hidden states entering each block in
+    `blocks` in binding.block_inputs, for the adapted layers whose keys read the residual
+    stream. Raises ValueError when a target is in no decoder block."""
+    if None in blocks:
+        raise ValueError("keys from the residual stream need targets inside decoder blocks")
+    for name, module in model.named_modules():
+        found = re.search(r"(?:^|\.)layers\.(\d+)$", name)  # the block itself
+        index = int(found.group(1)) if found else None
+        if found and index in blocks:
+
+            def keep(module, args, kwargs, index=index):
+                if binding.sums is not None:
+                    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                    binding.block_inputs[index] = hidden
+
+            def drop(module, args, output, index=index):  # the block is done: free its input
+                binding.block_inputs.pop(index, None)
+
+            module.register_forward_pre_hook(keep, with_kwargs=True)
+            module.register_forward_hook(drop)
 
 
 @contextmanager

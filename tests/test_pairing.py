@@ -124,3 +124,42 @@ def test_truncated_generator_keeps_its_top_directions_through_save_and_load(tmp_
     assert "keep" not in GeneratorConfig(r1=8, r2=8).to_dict()
     with pytest.raises(ValueError, match="keep"):
         GeneratorConfig(r1=8, r2=8, keep=9)
+
+
+def test_residual_keys_read_the_stream_entering_the_block(reference, tmp_path):
+    # kv_source="residual" (the paper's geometry): keys and values of every adapted layer of
+    # block i come from the hidden states entering block i, checked against the plain
+    # transformers model's hidden_states[i] (no hooks of ours) chunk by chunk.
+    from genadapter.layers import block_index
+
+    base = load_base(None, device="cpu", dtype=torch.float32)
+    config = GeneratorConfig(seed=3, kv_source="residual")
+    gen = Generator.for_base(base.model, config)
+    model = AdaptedModel(base, gen, chunk_tokens=TEST_CHUNK)
+    state, _ = model.encode(DOCUMENT)
+    assert not model.binding.block_inputs  # each block's input is let go when the block is done
+    chunks = list(chunked(token_stream(model.tokenizer, DOCUMENT), TEST_CHUNK))
+    p = model.encoding_prefix
+    names = ["model.layers.3.self_attn.o_proj", "model.layers.7.mlp.down_proj"]
+    assert gen.adapter(names[1]).Wk.shape[1] == base.model.config.hidden_size  # not its 1,536
+    for name in names:
+        adapter, i = gen.adapter(name), block_index(name)
+        expected = torch.zeros(config.r1, config.r2, dtype=torch.float64)
+        for chunk in chunks:
+            with torch.no_grad():
+                out = reference(torch.tensor([p + chunk]), output_hidden_states=True)
+            h = out.hidden_states[i][0, len(p) :].double()
+            h = (
+                h
+                * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + adapter.eps)
+                * adapter.norm.double()
+            )
+            expected += (h @ adapter.Wk.double().T).T @ (h @ adapter.Wv.double().T)
+        torch.testing.assert_close(state.sums[name].double(), expected, atol=1e-3, rtol=1e-4)
+    # Saved and loaded, the generator keeps its geometry; the default config hashes as before.
+    gen.save_pretrained(tmp_path / "g", base.fingerprint)
+    loaded = Generator.from_pretrained(tmp_path / "g", base.fingerprint)
+    assert loaded.config.kv_source == "residual" and loaded.fingerprint() == gen.fingerprint()
+    assert "kv_source" not in GeneratorConfig().to_dict()
+    with pytest.raises(ValueError, match="kv_source"):
+        GeneratorConfig(kv_source="output")

@@ -55,6 +55,7 @@ class TrainConfig:
     r2: int = 32
     alpha: float = 1.0  # the paper scales by alpha / r: pass that product here
     keep: int | None = None  # GeneratorConfig.keep: top singular directions of S_hat (paper: r/8)
+    kv_source: str = "input"  # GeneratorConfig.kv_source: "residual" is the paper's geometry
     targets: tuple[str, ...] = ("o_proj", "down_proj")
     chunk_tokens: int = 512
     pairing: str | None = None  # GeneratorConfig.pairing; None: init_from's, or "same" if fresh
@@ -353,6 +354,7 @@ def main(argv=None) -> None:
         r2=cfg.r2,
         alpha=cfg.alpha,
         keep=cfg.keep,
+        kv_source=cfg.kv_source,
         chunk_tokens=cfg.chunk_tokens,
         pairing=cfg.pairing or "same",
         seed=cfg.seed,
