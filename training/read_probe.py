@@ -117,7 +117,7 @@ def provenance(args, step: int, tokens: int, last_eval: dict) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--generator", help="generator folder to start from (default: a fresh one)")
     p.add_argument("--task", choices=sorted(TASKS), default="month")
@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="of the training examples")
     p.add_argument("--out", default="training/runs/read_probe.jsonl")
     p.add_argument("--save", metavar="DIR", help="write the generator here at every evaluation")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.generator:
         model = genadapter.load(generator=args.generator, device="cpu", dtype=torch.float32)
@@ -175,6 +175,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+    log.close()
 
 
 if __name__ == "__main__":
