@@ -263,13 +263,16 @@ def test_untrained_generator_answers_exactly_like_the_base(tiny_results):
     # vocab: also every merge of the glossaries' states, and of their LoRAs run by PEFT on a
     # separate transformers base (all deltas zero).
     row = tiny_results["suites"]["vocab"][0]
-    assert {"sum", "state ties", "lora ties"} <= set(row["methods"])
+    assert {"sum", "state ties", "lora ties", "memory", "memory+adapter"} <= set(row["methods"])
     for record in row["records"]:
         base = record["base"]
         for name in row["methods"]:
-            if name != "prompt":
+            if name not in ("prompt", "memory", "memory+adapter"):
                 assert record[name]["answer"] == base["answer"], name
                 assert record[name]["term_nll"] == pytest.approx(base["term_nll"], abs=1e-5)
+        # the glossary's memory is read (its sentences score otherwise); B = 0 adds nothing
+        assert record["memory"]["term_nll"] != base["term_nll"]
+        assert record["memory+adapter"] == record["memory"]
 
 
 def test_library_suite_rows_hold_every_condition(tiny_results):

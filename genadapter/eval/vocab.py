@@ -13,7 +13,9 @@ Conditions:
 * state M   the glossaries' states merged by method M (TIES, DARE; those of the LoRA methods run);
 * lora M    each glossary's session exported as a LoRA (export.py), the LoRAs merged by method M
             (genadapter.merge), loaded by PEFT onto the plain transformers base, as a user of
-            another engine would. Methods: merging.py; weights 1 (mean: 1/n), density 0.5."""
+            another engine would. Methods: merging.py; weights 1 (mean: 1/n), density 0.5;
+* memory    the glossary's session's context memory alone (memory.py); memory+adapter with its
+            state (both when the model keeps memories)."""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..export import ExportError, session_lora
+from ..generation import prefill
 from ..merging import merge
 from ..session import Session
 from . import metrics
@@ -115,6 +119,34 @@ def _genadapter(model, state_of: Callable, max_new_tokens: int, prompted=False) 
     return _Condition(nll, answer, prompted)
 
 
+def _with_memory(model, session_of: Callable, max_new_tokens: int) -> _Condition:
+    """A glossary's session with its context memory: each sentence scored after the memory laid
+    out as Session.text_layout lays it out (the latest blocks within the budget: a sentence is
+    no query), and questions answered by the session's chat, which reads it."""
+
+    def nll(g: int, items):
+        session, out = session_of(g), []
+        for ids, positions in items:
+            layout = session.text_layout(ids, None)
+            with torch.no_grad():
+                if layout.read is None:
+                    logits = model.logits(torch.tensor([ids]), [session.state])[0]
+                else:
+                    with model.bind_states([session.state]):
+                        logits = prefill(model, [layout], DynamicCache(), logits_to_keep=0)[1][0]
+            logp = logits.float().log_softmax(-1)
+            nll = [-logp[p - 1, ids[p]].item() for p in positions]
+            out.append(sum(nll) / len(nll))
+        return out
+
+    def answer(g: int, message: str) -> str:
+        session = session_of(g)
+        session.messages = []
+        return session.chat(message, max_new_tokens=max_new_tokens)
+
+    return _Condition(nll, answer)
+
+
 def _peft(peft, name: str, tokenizer, max_new_tokens: int) -> _Condition:
     pad = tokenizer.pad_token_id
 
@@ -186,6 +218,14 @@ def vocab_rows(
         "adapter": _genadapter(model, lambda g: sessions[g].state, max_new_tokens),
         "sum": _genadapter(model, lambda g: summed, max_new_tokens),
     }
+    if model.memory_storage is not None:  # the glossary's memory, alone and with its state
+        memory_of = lambda g: sessions[g].memory  # noqa: E731
+        conditions["memory"] = _with_memory(
+            model, lambda g: Session(model, memory=memory_of(g)), max_new_tokens
+        )
+        conditions["memory+adapter"] = _with_memory(
+            model, lambda g: Session(model, sessions[g].state, memory=memory_of(g)), max_new_tokens
+        )
     for method in [m for m in STATE_MERGES if m in lora_merges]:
         state = merge(sessions, method=method, density=DENSITY, seed=seed)
         conditions[f"state {method}"] = _genadapter(model, lambda g, s=state: s, max_new_tokens)
