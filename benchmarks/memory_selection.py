@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import genadapter
 from genadapter.eval import metrics
@@ -92,7 +93,7 @@ class Chooser(Session):
                 per = []
                 for c, (k, _) in zip(memory.chunks, blocks, strict=True):
                     encoded = memory.prefix_len + c.offset + torch.arange(c.tokens)
-                    per.append(rotate_each(m, k[layer], h_len - encoded))
+                    per.append(rotate(m, k[layer], h_len - encoded))
                 fixed.append(torch.cat(per, 1))
             owner = torch.cat([torch.full((c.tokens,), i) for i, c in enumerate(memory.chunks)])
             self._keys = {"h_len": h_len, "fixed": fixed, "owner": owner, "blocks": blocks}
@@ -149,20 +150,6 @@ class Chooser(Session):
         return MemoryRead(keys, values, h_len, ())
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-
-def rotate_each(model, keys: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """keys (..., T, D) float32, token i rotated by shifts[i] positions (memory_read.rotate with
-    one shift per token)."""
-    rotary = model.base.model.rotary_emb
-    cos, sin = rotary(keys, shifts[None].to(keys.device))
-    scale = getattr(rotary, "attention_scaling", 1.0)
-    return _rope(keys, cos[0] / scale, sin[0] / scale)
-
-
 @torch.no_grad()
 def turn_queries(model, layout: Layout, budget: int) -> list[torch.Tensor]:
     """Per layer, the rotated queries (query heads, rest tokens, D) float32 of the turn's rest,
@@ -175,7 +162,8 @@ def turn_queries(model, layout: Layout, budget: int) -> list[torch.Tensor]:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
         q = module.q_proj(x).view(*x.shape[:2], -1, module.head_dim).transpose(1, 2)
-        queries.append(_rope(q, cos[:, None], sin[:, None])[0, :, h:].float())
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        queries.append(q[0, :, h:].float())
 
     for layer in base.model.layers:
         hooks.append(layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True))

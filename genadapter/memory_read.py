@@ -49,11 +49,12 @@ class Layout:
         return len(self.header) + (self.read.tokens if self.read else 0) + len(self.rest)
 
 
-def rotate(model, keys: torch.Tensor, shift: int) -> torch.Tensor:
-    """keys (..., T, D) rotated by `shift` positions with the base's rotary embedding."""
+def rotate(model, keys: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+    """keys (..., T, D) rotated by `shift` positions with the base's rotary embedding: one int
+    for every token, or a (T,) tensor of one shift per token."""
     rotary = model.base.model.rotary_emb
-    position = torch.tensor([[shift]], device=keys.device)
-    cos, sin = rotary(keys.float(), position)  # (1, 1, D), scaled by attention_scaling
+    position = torch.as_tensor(shift, device=keys.device).reshape(1, -1)
+    cos, sin = rotary(keys.float(), position)  # (1, 1 or T, D), scaled by attention_scaling
     scale = getattr(rotary, "attention_scaling", 1.0)
     cos, sin = cos[0] / scale, sin[0] / scale  # the stored keys already carry the scaling
     k = keys.float()

@@ -90,16 +90,22 @@ def nll_sum(logits: torch.Tensor, ids: list[int], first: int) -> float:
 
 
 @torch.no_grad()
-def nll_sum_under(model, ids: list[int], first: int, state, memory=None) -> float:
-    """Summed NLL of ids[first:] under `state`, reading `memory` (the latest of it within the
-    budget: the text scored is no query) laid out before `ids` as Session.text_layout does."""
+def logits_under(model, ids: list[int], state, memory=None) -> torch.Tensor:
+    """(len(ids), vocab) logits of the sequence `ids` under `state`, reading `memory` (the latest
+    of it within the budget: the text is no query) laid out before `ids` as Session.text_layout
+    does."""
     if memory is not None:
         layout = Session(model, state, memory=memory).text_layout(ids, None)
         if layout.read is not None:
             with model.bind_states([state]):
                 _, logits = prefill(model, [layout], DynamicCache(), logits_to_keep=0)
-            return nll_sum(logits[0].float(), ids, first)
-    return nll_sum(model.logits(torch.tensor([ids]), [state])[0], ids, first)
+            return logits[0].float()
+    return model.logits(torch.tensor([ids]), [state])[0]
+
+
+def nll_sum_under(model, ids: list[int], first: int, state, memory=None) -> float:
+    """Summed NLL of ids[first:] under `state`, reading `memory` (logits_under)."""
+    return nll_sum(logits_under(model, ids, state, memory), ids, first)
 
 
 COMPLETION_METHODS = ("base", "prompt", "adapter", "memory", "memory+adapter")

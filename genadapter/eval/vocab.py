@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from ..export import ExportError, session_lora
-from ..generation import prefill
 from ..merging import merge
 from ..session import Session
 from . import metrics
+from .completion import logits_under
 from .glossary import Glossary, Term, glossaries
 
 log = logging.getLogger(__name__)
@@ -127,14 +126,7 @@ def _with_memory(model, session_of: Callable, max_new_tokens: int) -> _Condition
     def nll(g: int, items):
         session, out = session_of(g), []
         for ids, positions in items:
-            layout = session.text_layout(ids, None)
-            with torch.no_grad():
-                if layout.read is None:
-                    logits = model.logits(torch.tensor([ids]), [session.state])[0]
-                else:
-                    with model.bind_states([session.state]):
-                        logits = prefill(model, [layout], DynamicCache(), logits_to_keep=0)[1][0]
-            logp = logits.float().log_softmax(-1)
+            logp = logits_under(model, ids, session.state, session.memory).log_softmax(-1)
             nll = [-logp[p - 1, ids[p]].item() for p in positions]
             out.append(sum(nll) / len(nll))
         return out
