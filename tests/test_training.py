@@ -179,3 +179,33 @@ def test_continue_with_next_pairing_and_package(setup, tmp_path):
     a, b = weights(tmp_path / "second"), load_file(packaged / "generator.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert meta["config"]["pairing"] == "next"
+
+
+@pytest.mark.parametrize("kv_source", ["input", "residual"])
+def test_training_builds_the_state_absorbing_builds(setup, model, kv_source):
+    """The state a training step builds from a context (context_states, with its graph: chunks
+    after the encoding prefix, padded to one batch) equals the state Session.absorb's pass builds
+    for the same tokens (AdaptedModel.encode), so training sees what ships."""
+    import torch
+    from train import Sample, context_states
+
+    from genadapter.base import load_base
+    from genadapter.generator import Generator, GeneratorConfig
+    from genadapter.model import AdaptedModel
+
+    base = load_base(str(setup[0]), device="cpu", dtype=torch.float32)
+    config = GeneratorConfig(
+        targets=("o_proj", "down_proj"), r1=8, r2=8, chunk_tokens=64, kv_source=kv_source
+    )
+    adapted = AdaptedModel(base, Generator.for_base(base.model, config))
+    adapted.generator.requires_grad_(True)
+    ids = model.tokenizer.encode(DOCUMENT, add_special_tokens=False)[:150]  # chunks 64, 64, 22
+    assert len(adapted.encoding_prefix) > 0
+    trained = context_states(adapted, [Sample("completion", ids, [], [])])
+    absorbed = adapted.encode_chunks([ids[k : k + 64] for k in range(0, len(ids), 64)])
+    assert trained.keys() == absorbed.sums.keys()
+    for name, s in absorbed.sums.items():
+        assert trained[name].requires_grad
+        scale = s.abs().max().item()
+        assert scale > 0
+        torch.testing.assert_close(trained[name][0].detach(), s, atol=1e-4 * scale, rtol=1e-4)

@@ -157,11 +157,15 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
 
 
 def context_states(model: AdaptedModel, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Per sample, S = sum of K^T V over its context chunks: name -> (B, r1, r2), with grad."""
+    """Per sample, S = sum of K^T V over its context chunks: name -> (B, r1, r2), with grad.
+    Each chunk is encoded after the model's encoding_prefix, whose tokens enter no sum, exactly
+    as absorbing encodes it (AdaptedModel._encode_batch): training sees the states it ships."""
+    prefix = model.encoding_prefix
+    p = len(prefix)
     chunks, owner = [], []
     for i, s in enumerate(samples):
         for k in range(0, len(s.context), model.chunk_tokens):
-            chunks.append(s.context[k : k + model.chunk_tokens])
+            chunks.append(prefix + s.context[k : k + model.chunk_tokens])
             owner.append(i)
     width = max(map(len, chunks))
     ids = torch.full((len(chunks), width), model.tokenizer.pad_token_id, dtype=torch.long)
@@ -170,9 +174,11 @@ def context_states(model: AdaptedModel, samples: list[Sample]) -> dict[str, torc
         ids[j, : len(c)] = torch.tensor(c)
         mask[j, : len(c)] = 1
     ids, mask = ids.to(model.device), mask.to(model.device)
+    summed = mask.clone()
+    summed[:, :p] = 0
     owner_t = torch.tensor(owner, device=model.device)
     sums: dict[str, torch.Tensor] = {}
-    with bound(model.binding, sums=sums, token_mask=mask):
+    with bound(model.binding, sums=sums, token_mask=summed):
         model.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
     B = len(samples)
     return {
