@@ -187,7 +187,7 @@ def test_training_builds_the_state_absorbing_builds(setup, model, kv_source):
     after the encoding prefix, padded to one batch) equals the state Session.absorb's pass builds
     for the same tokens (AdaptedModel.encode), so training sees what ships."""
     import torch
-    from train import Sample, context_states
+    from passes import Sample, context_states
 
     from genadapter.base import load_base
     from genadapter.generator import Generator, GeneratorConfig

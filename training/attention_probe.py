@@ -24,8 +24,14 @@ How the context keys are read:
               1 + 64 + 64^2: a fixed-size state S = sum_j phi(k_j) [v_j, 1]^T per KV head, a sum of
               outer products of (features of) the base's hidden states (Based, Arora et al. 2024).
 * `linear`:   phi = elu + 1 (Katharopoulos et al. 2020), a 64 x 65 state per KV head.
+* `taylor_fixed`, `linear_fixed`: the two kernelized states over the `fixed` geometry (keys rotated
+              at position 0, queries at D before the feature map): still order-free and fixed-size.
+              `taylor` and `linear` read unrotated keys, the `nopos` geometry, which loses most of
+              prompting's gain even with softmax (issue 24, defect 4).
 
     python training/attention_probe.py --documents 24 --out docs/training/attention-probe.json
+    python training/attention_probe.py --modes fixed taylor_fixed linear_fixed \
+        --out docs/training/attention-probe-kernel-fixed32.json
 """
 
 from __future__ import annotations
@@ -44,12 +50,12 @@ from genadapter.base import load_base
 from genadapter.eval.fictional import qa_examples
 from genadapter.eval.prompts import chat_ids
 
-MODES = ("exact", "nopos", "fixed", "taylor", "linear")
+MODES = ("exact", "nopos", "fixed", "taylor", "linear", "taylor_fixed", "linear_fixed")
 
 
 def features(x: torch.Tensor, mode: str) -> torch.Tensor:
     """phi(x) for the kernelized modes: x (..., d) already scaled by d^-1/4 -> (..., D)."""
-    if mode == "linear":
+    if mode.startswith("linear"):
         return F.elu(x) + 1
     outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / 2**0.5
     return torch.cat([torch.ones_like(x[..., :1]), x, outer], -1)
@@ -97,6 +103,16 @@ class Probe:
 
         return forward
 
+    def _fixed_distance(self, q, k):
+        """Queries q (1, heads, t, d) rotated at position D, keys k (kv, N, d) at position 0:
+        every key at one distance before every query. -> (heads, t, d), (kv, N, d)."""
+        t, n = q.shape[2], k.shape[1]
+        cos, sin = self.model.model.rotary_emb(q, torch.full((1, t), self.distance))
+        qr, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        cos, sin = self.model.model.rotary_emb(q, torch.zeros(1, n, dtype=torch.long))
+        kr, _ = apply_rotary_pos_emb(k[None], k[None], cos, sin)
+        return qr[0], kr[0]
+
     def _context(self, attn, q, c, groups, scale, t):
         rep = lambda x: x.repeat_interleave(groups, dim=0)  # noqa: E731
         n = c["k"].shape[1]
@@ -106,22 +122,20 @@ class Probe:
             qr, _ = apply_rotary_pos_emb(q, q, cos, sin)
             s = qr[0] @ rep(c["k_rope"]).transpose(-1, -2) * scale
         elif self.mode == "fixed":
-            cos, sin = self.model.model.rotary_emb(q, torch.full((1, t), self.distance))
-            qr, _ = apply_rotary_pos_emb(q, q, cos, sin)
-            cos, sin = self.model.model.rotary_emb(q, torch.zeros(1, n, dtype=torch.long))
-            kr, _ = apply_rotary_pos_emb(c["k"][None], c["k"][None], cos, sin)
-            s = qr[0] @ rep(kr[0]).transpose(-1, -2) * scale
+            qr, kr = self._fixed_distance(q, c["k"])
+            s = qr @ rep(kr).transpose(-1, -2) * scale
         elif self.mode == "nopos":
             s = q[0] @ rep(c["k"]).transpose(-1, -2) * scale
         if self.mode in ("exact", "nopos", "fixed"):
             return s.logsumexp(-1, keepdim=True)[None], (torch.softmax(s, -1) @ rep(c["v"]))[None]
         # kernelized: S = sum_j phi(k_j) [v_j, 1]^T, read by phi(q)
         quarter = scale**0.5
-        phi_k = features(c["k"].double() * quarter, self.mode)  # (kv, N, D)
+        qk, kk = self._fixed_distance(q, c["k"]) if self.mode.endswith("_fixed") else (q[0], c["k"])
+        phi_k = features(kk.double() * quarter, self.mode)  # (kv, N, D)
         state = phi_k.transpose(-1, -2) @ torch.cat(
             [c["v"].double(), torch.ones(*c["v"].shape[:2], 1)], -1
         )
-        phi_q = features(q[0].double() * quarter, self.mode)  # (heads, t, D)
+        phi_q = features(qk.double() * quarter, self.mode)  # (heads, t, D)
         read = phi_q @ rep(state)  # (heads, t, d + 1)
         z = read[..., -1:].clamp_min(1e-30)
         return z.log().float()[None], (read[..., :-1] / z).float()[None]

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from passes import Sample, adapter_loss, target_loss  # noqa: E402
 from synth_qa import Example, _festival, make_example  # noqa: E402
-from train import Sample, adapter_loss, answer_sample, target_loss  # noqa: E402
+from train import answer_sample  # noqa: E402
 
 import genadapter  # noqa: E402
 from genadapter.base import load_base  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import Sample, adapter_loss  # noqa: E402
+from passes import Sample, adapter_loss  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
 from genadapter.generator import Generator  # noqa: E402

@@ -29,16 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from passes import Corpus, Sample, adapter_loss, context_states, target_loss  # noqa: E402
 from synth_qa import make_example  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
 from genadapter.eval.runner import LIMITS, evaluate_generator  # noqa: E402
 from genadapter.generator import Generator, GeneratorConfig  # noqa: E402
-from genadapter.layers import bound  # noqa: E402
 from genadapter.model import AdaptedModel  # noqa: E402
 from genadapter.state import normalize_svd  # noqa: E402
 
@@ -89,36 +88,6 @@ class TrainConfig:
 # -- data ---------------------------------------------------------------------------------------
 
 
-class Corpus:
-    """Flat token shards from prepare_data.py; segments are drawn uniformly over tokens."""
-
-    def __init__(self, data_dir: str, split: str):
-        d = Path(data_dir)
-        if not (d / f"{split}.tokens.npy").is_file():
-            raise FileNotFoundError(f"no {split} shards in {d}: run training/prepare_data.py")
-        self.tokens = np.load(d / f"{split}.tokens.npy", mmap_mode="r")
-        self.offsets = np.load(d / f"{split}.offsets.npy")
-        self.lengths = np.diff(self.offsets)
-
-    def segment(self, rng: np.random.Generator, length: int) -> list[int]:
-        """A random span of `length` tokens inside one document (shorter documents skipped)."""
-        ok = np.flatnonzero(self.lengths >= length)
-        if len(ok) == 0:
-            raise ValueError(f"no document has {length} tokens")
-        weights = self.lengths[ok] - length + 1
-        doc = ok[rng.choice(len(ok), p=weights / weights.sum())]
-        start = self.offsets[doc] + rng.integers(0, self.lengths[doc] - length + 1)
-        return self.tokens[start : start + length].astype(np.int64).tolist()
-
-
-@dataclass
-class Sample:
-    task: str
-    context: list[int]
-    target: list[int]  # the tokens fed in the target pass
-    labels: list[int]  # target tokens to score, -100 where not scored
-
-
 def answer_sample(tokenizer, context: str, message: str, answer: str) -> Sample:
     """`context` absorbed (empty: none), then `message` as a chat user turn; only the assistant's
     `answer` and its end-of-turn token are scored."""
@@ -153,75 +122,7 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
     return Sample(task, context, target, target)
 
 
-# -- model passes -------------------------------------------------------------------------------
-
-
-def context_states(model: AdaptedModel, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Per sample, S = sum of K^T V over its context chunks: name -> (B, r1, r2), with grad.
-    Each chunk is encoded after the model's encoding_prefix, whose tokens enter no sum, exactly
-    as absorbing encodes it (AdaptedModel._encode_batch): training sees the states it ships."""
-    prefix = model.encoding_prefix
-    p = len(prefix)
-    chunks, owner = [], []
-    for i, s in enumerate(samples):
-        for k in range(0, len(s.context), model.chunk_tokens):
-            chunks.append(prefix + s.context[k : k + model.chunk_tokens])
-            owner.append(i)
-    width = max(map(len, chunks))
-    ids = torch.full((len(chunks), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, c in enumerate(chunks):
-        ids[j, : len(c)] = torch.tensor(c)
-        mask[j, : len(c)] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    summed = mask.clone()
-    summed[:, :p] = 0
-    owner_t = torch.tensor(owner, device=model.device)
-    sums: dict[str, torch.Tensor] = {}
-    with bound(model.binding, sums=sums, token_mask=summed):
-        model.base.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    B = len(samples)
-    return {
-        n: torch.zeros(B, *s.shape[1:], device=s.device, dtype=s.dtype).index_add(0, owner_t, s)
-        for n, s in sums.items()
-    }
-
-
-def target_loss(
-    model: AdaptedModel,
-    samples: list[Sample],
-    s_hat: dict[str, torch.Tensor] | None,
-    per_sample_out: list[float] | None = None,
-) -> torch.Tensor:
-    """Mean next-token loss over the scored target tokens, under s_hat (None: the base); each
-    sample's own mean is appended to `per_sample_out` when given (for the per-task log)."""
-    width = max(len(s.target) for s in samples)
-    ids = torch.full((len(samples), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(samples):
-        ids[i, : len(s.target)] = torch.tensor(s.target)
-        labels[i, : len(s.labels)] = torch.tensor(s.labels)
-        mask[i, : len(s.target)] = 1
-    ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
-    with bound(model.binding, s_hat=s_hat):
-        logits = model.base(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    labels = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none")
-    scored = (labels != -100).float()
-    per_sample = (nll.view_as(scored) * scored).sum(1) / scored.sum(1).clamp_min(1)
-    if per_sample_out is not None:
-        per_sample_out.extend(per_sample.tolist())
-    return nll.sum() / scored.sum().clamp_min(1)
-
-
-def adapter_loss(
-    model: AdaptedModel, samples: list[Sample], per_sample_out: list[float] | None = None
-) -> torch.Tensor:
-    S = context_states(model, samples)
-    keep = model.generator.config.keep
-    s_hat = {n: normalize_svd(s, keep) for n, s in S.items()}
-    return target_loss(model, samples, s_hat, per_sample_out)
+# -- evaluation ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
