@@ -78,14 +78,15 @@ def _left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def prefill(model, layouts: list[Layout], cache: DynamicCache, logits_to_keep: int = 1):
     """Run the prompts `layouts` (one per row, each under the states already bound) into `cache`:
     headers first, then each row's memory written into the cache after its header, then the
     rests. Rows are left-padded at each stage; padding is masked and positions count real slots
     only, so each row computes what it would alone (memory_read.py). Returns (attention mask
     (b, total) long, logits (b, kept, vocab) of the rests' last `logits_to_keep` tokens, 0 for
-    all). Raises ValueError when a row has no rest tokens."""
+    all). Raises ValueError when a row has no rest tokens. The base and a loaded generator are
+    frozen, so it builds no graph unless the bound states carry one (training's complement
+    stage, training/complement.py, backpropagates through it)."""
     if any(not layout.rest for layout in layouts):
         raise ValueError("every row needs at least one token after its memory")
     dev, pad = model.device, model.tokenizer.pad_token_id

@@ -209,3 +209,51 @@ def test_training_builds_the_state_absorbing_builds(setup, model, kv_source):
         scale = s.abs().max().item()
         assert scale > 0
         torch.testing.assert_close(trained[name][0].detach(), s, atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_complement_student_reading_everything_is_the_teacher(setup, model):
+    """Stage 2's KL (complement.py): a student that reads the whole memory without an adapter
+    computes what the teacher (the document in the prompt) does, so its KL is zero; a student
+    reading one block of it does not."""
+    import torch
+    from complement import complement_loss
+    from passes import Sample
+
+    from genadapter.base import load_base
+    from genadapter.generator import Generator, GeneratorConfig
+    from genadapter.memory import encoding_prefix
+    from genadapter.model import AdaptedModel
+
+    base = load_base(str(setup[0]), device="cpu", dtype=torch.float32)
+    config = GeneratorConfig(targets=("o_proj",), r1=8, r2=8, chunk_tokens=128)
+    # Unquantized, one chunk: the memory read in full is the prompt (memory_read.py).
+    adapted = AdaptedModel(base, Generator.for_base(base.model, config), memory="float")
+    adapted.memory_block = 16
+    ids = model.tokenizer.encode(DOCUMENT, add_special_tokens=False)
+    header = encoding_prefix(model.tokenizer)
+    whole = Sample("complement", ids[:100], ids[100:140], [], header=header, budget=100)
+    one_block = Sample("complement", ids[:100], ids[100:140], [], header=header, budget=16)
+    kl = complement_loss(adapted, [whole, one_block], None)
+    assert kl.shape == (2,)
+    assert abs(kl[0].item()) < 1e-6
+    assert kl[1].item() > 1e-5  # a small random base: the context moves its outputs little
+
+
+def test_complement_stage_trains(setup, tmp_path):
+    """A stage-2 run (complement tasks only) trains the generator and reports, per budget, the
+    memory alone against the memory with the adapter and with another document's adapter."""
+    base, data = setup
+    extra = ["--task_mix", '{"complement": 0.5, "complement_chat": 0.5}', "--steps", "2"]
+    extra += ["--eval_qa_documents", "0", "--memory_block", "16", "--answer_tokens", "6"]
+    train(tmp_path / "complement", base, data, *extra, fresh_process=False)
+    a = weights(tmp_path / "complement")
+    assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith(".B"))
+    rows = [json.loads(r) for r in (tmp_path / "complement" / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert any("complement" in r or "complement_chat" in r for r in train_rows)
+    last = [r for r in rows if r["kind"] == "eval"][-1]
+    for pct in (10, 25):
+        for method in ("memory", "memory+adapter", "memory+other"):
+            assert math.isfinite(last[f"b{pct}_{method}"]) and last[f"b{pct}_{method}_kl"] >= 0
+            assert 0 <= last[f"b{pct}_qa_{method}"] <= 1
+    assert last["teacher"] < last["base"] or last["teacher"] > 0

@@ -8,6 +8,9 @@ Each step draws, per sequence, a task and a document segment:
   completion      absorb n_ctx tokens, score the next target_tokens with the adapter
   reconstruction  absorb n_ctx tokens, score a target_tokens span taken from inside them
   qa              absorb a synthetic document, score the answer to a chat question about it
+  complement, complement_chat
+                  stage 2: the adapter beside the context memory read at a small budget,
+                  distilled from the document in the prompt (complement.py)
 The context pass runs through the frozen base without building its graph (only Wk, Wv and the
 norm see gradients there); the target pass backpropagates through the base into A, B and S_hat.
 All randomness of a step is a function of (seed, rank, step), so a resumed run is exact.
@@ -23,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +35,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passes import Corpus, Sample, adapter_loss, context_states, target_loss  # noqa: E402
+from complement import (  # noqa: E402
+    COMPLEMENT_TASKS,
+    batch_loss,
+    draw_complement,
+    evaluate_complement,
+)
+from dev_eval import evaluate, evaluate_qa, plot_curves  # noqa: E402
+from passes import Corpus, Sample  # noqa: E402
 from synth_qa import make_example  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
-from genadapter.eval.runner import LIMITS, evaluate_generator  # noqa: E402
 from genadapter.generator import Generator, GeneratorConfig  # noqa: E402
 from genadapter.model import AdaptedModel  # noqa: E402
-from genadapter.state import normalize_svd  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -71,6 +79,11 @@ class TrainConfig:
     context_max: int = 1024
     target_tokens: int = 256
     qa_distractors: int = 2  # up to this many other entities around the one asked about
+    # The complement tasks (complement.py): the memory's budget as fractions of the document,
+    # its selectable blocks (tokens), and the teacher's answer length (tokens).
+    memory_budgets: tuple[float, ...] = (0.1, 0.25)
+    memory_block: int = 32
+    answer_tokens: int = 24
     task_mix: dict = field(
         default_factory=lambda: {"completion": 0.5, "reconstruction": 0.5, "qa": 0.0}
     )
@@ -104,6 +117,8 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
     tasks = list(cfg.task_mix)
     probs = np.asarray([cfg.task_mix[t] for t in tasks], dtype=float)
     task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
+    if task in COMPLEMENT_TASKS:
+        return draw_complement(cfg, corpus, tokenizer, rng, task)
     if task == "qa":
         distractors = int(rng.integers(0, cfg.qa_distractors + 1))
         ex = make_example(random.Random(int(rng.integers(1 << 62))), distractors=distractors)
@@ -120,72 +135,6 @@ def draw_sample(cfg: TrainConfig, corpus: Corpus, tokenizer, rng: np.random.Gene
     else:
         raise ValueError(f"unknown task {task!r}")
     return Sample(task, context, target, target)
-
-
-# -- evaluation ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model: AdaptedModel, cfg: TrainConfig, corpus: Corpus) -> dict:
-    """Dev losses (mean NLL per target token) over `cfg.eval_samples` spans of 512 context
-    tokens, each with the next `target_tokens` (completion) and a span of the context itself
-    (reconstruction):
-
-    * completion: `base` (no context), `adapter` (the context's state), `prompt` (the context in
-      the prompt), `adapter_other` (another span's state: the wrong-document control) and
-      `recovered`, the share of prompting's gain the adapter recovers;
-    * reconstruction: `recon_adapter`, `recon_other` (another span's state), `recon_base`;
-    * `own_minus_other` and `recon_own_minus_other`: the wrong-document loss less the own, the
-      part of the gain that is the document's content and not its domain (issue 24).
-
-    The wrong document of span i is span i + 1 (at least two spans); with one, the controls are
-    left out."""
-    rng = np.random.default_rng([cfg.seed, 999_999])
-    T, n = cfg.target_tokens, cfg.eval_samples
-    spans = [corpus.segment(rng, 512 + T) for _ in range(n)]
-    starts = [int(rng.integers(0, 512 - T + 1)) for _ in range(n)]
-    completion = [Sample("completion", s[:512], s[512:], s[512:]) for s in spans]
-    recon = [
-        Sample("reconstruction", s[:512], s[a : a + T], s[a : a + T]) for s, a in zip(spans, starts)
-    ]
-    states = [
-        {
-            k: normalize_svd(v, model.generator.config.keep)
-            for k, v in context_states(model, [c]).items()
-        }
-        for c in completion
-    ]
-    totals: dict[str, float] = {}
-
-    def add(key: str, value: torch.Tensor) -> None:
-        totals[key] = totals.get(key, 0.0) + value.item() / n
-
-    for i in range(n):
-        add("base", target_loss(model, [completion[i]], None))
-        add("adapter", target_loss(model, [completion[i]], states[i]))
-        prompted = Sample("prompt", [], spans[i], [-100] * 512 + spans[i][512:])
-        add("prompt", target_loss(model, [prompted], None))
-        add("recon_base", target_loss(model, [recon[i]], None))
-        add("recon_adapter", target_loss(model, [recon[i]], states[i]))
-        if n > 1:
-            other = states[(i + 1) % n]
-            add("adapter_other", target_loss(model, [completion[i]], other))
-            add("recon_other", target_loss(model, [recon[i]], other))
-    out = dict(totals)
-    out.update({f"{k}_ppl": math.exp(v) for k, v in totals.items()})
-    gain = out["base"] - out["prompt"]
-    out["recovered"] = (out["base"] - out["adapter"]) / gain if gain > 0 else float("nan")
-    if n > 1:
-        out["own_minus_other"] = out["adapter_other"] - out["adapter"]
-        out["recon_own_minus_other"] = out["recon_other"] - out["recon_adapter"]
-    return out
-
-
-def evaluate_qa(model: AdaptedModel, documents: int) -> dict:
-    """The evaluation harness's document-QA suite on dev documents, greedy, no SFT baseline."""
-    limits = replace(LIMITS["small"], qa_documents=documents, qa_questions=2, sft_steps=0)
-    flat = evaluate_generator(model, suites=("qa",), limit=limits, split="dev")
-    return {f"qa_{k.split('/', 1)[1].replace('/', '_')}": v for k, v in flat.items()}
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -211,33 +160,6 @@ def save_checkpoint(path: Path, generator, optimizer, step: int, stats: dict) ->
         tmp,
     )
     os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
-
-
-def plot_curves(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for task in ("completion", "reconstruction", "qa"):
-        pts = [(r["step"], r[task]) for r in train if r.get(task) is not None]
-        if pts:
-            axes[0].plot(*zip(*pts), label=task, alpha=0.8)
-    axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
-    axes[0].legend()
-    for key in ("base", "adapter", "prompt", "adapter_other", "recon_adapter", "recon_other"):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        if pts:
-            axes[1].plot(*zip(*pts), "o-" if "recon" not in key else "s--", label=key)
-    axes[1].set(xlabel="step", ylabel="dev loss (nats/token)", title="held-out dev documents")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -273,6 +195,9 @@ def main(argv=None) -> None:
     else:
         generator = Generator.for_base(base.model, gcfg)
     model = AdaptedModel(base, generator, chunk_tokens=cfg.chunk_tokens)
+    complementing = any(cfg.task_mix.get(t) for t in COMPLEMENT_TASKS)
+    if complementing:
+        model.memory_block = cfg.memory_block  # the memory's blocks the budget selects among
     generator.train().requires_grad_(True)
     params = list(generator.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -308,7 +233,7 @@ def main(argv=None) -> None:
             ]
             per_sample: list[float] = []
             with autocast:
-                loss = adapter_loss(model, samples, per_sample)
+                loss = batch_loss(model, samples, per_sample, cfg.answer_tokens)
             (loss / cfg.grad_accum).backward()
             for s, sample_loss in zip(samples, per_sample):
                 window.setdefault(s.task, []).append(sample_loss)
@@ -345,6 +270,8 @@ def main(argv=None) -> None:
             generator.eval()
             with autocast:
                 ev = evaluate(model, cfg, dev_set)
+                if complementing:
+                    ev.update(evaluate_complement(model, cfg, dev_set))
             if cfg.eval_qa_documents:  # greedy decoding in float32: bf16 decode is slow on CPU
                 ev.update(evaluate_qa(model, cfg.eval_qa_documents))
             generator.train()
@@ -415,6 +342,7 @@ def parse_config(argv) -> TrainConfig:
         p.error(f"unknown config keys: {sorted(unknown)}")
     cfg = TrainConfig(**values)
     cfg.targets = tuple(cfg.targets)
+    cfg.memory_budgets = tuple(cfg.memory_budgets)
     return cfg
 
 

@@ -1,0 +1,268 @@
+"""Stage 2 of issue 24: the adapter as the context memory's complement.
+
+* student: the base, reading the session's memory at a small budget (a fraction of the document's
+  tokens, TrainConfig.memory_budgets, in blocks of TrainConfig.memory_block tokens), with the
+  adapter state of the whole document;
+* teacher: the base with the whole document in the prompt before the text, no adapter (the ids
+  the memory's layout has at full budget);
+* loss: KL(teacher || student) over the vocabulary at every position of the text after the
+  document (the continuation; or the message, the chat template and the teacher's own greedy
+  answer), averaged over positions.
+
+Two tasks (TrainConfig.task_mix):
+
+* `complement`: a corpus span of n_ctx tokens absorbed, the next target_tokens after it as raw
+  text; the memory reads its latest blocks within the budget (the text is no query), as
+  Session.text_layout does;
+* `complement_chat`: a distill_sources.mixed item (document QA, a user's facts, a general
+  question with an unrelated document absorbed); the memory reads the blocks the message selects,
+  laid out as Session.chat_layout lays them out.
+
+When a turn reads nothing (the message selects no block), the student is the plain chat under the
+adapter, as a session answers; the loss then covers the positions whose text the two share.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from passes import Corpus, Sample, adapter_loss, context_states
+from transformers import DynamicCache
+
+from genadapter.generation import SamplingParams, generate_ids, prefill
+from genadapter.layers import bound
+from genadapter.memory import ContextMemory, encoding_prefix, split_template
+from genadapter.memory_read import SEPARATOR, Layout
+from genadapter.session import Session
+from genadapter.state import normalize_svd
+
+COMPLEMENT_TASKS = ("complement", "complement_chat")
+
+
+def draw_complement(cfg, corpus: Corpus, tokenizer, rng: np.random.Generator, task: str) -> Sample:
+    """One complement sample: `context` the document's ids, `target` the text after it (for chat,
+    without the answer: the teacher writes it), `header` what the memory follows, `query` the
+    message (None for raw text) and `budget` in tokens (at least one block)."""
+    fraction = float(rng.choice(cfg.memory_budgets))
+    if task == "complement":
+        n_ctx = int(rng.integers(cfg.context_min, cfg.context_max + 1))
+        seg = corpus.segment(rng, n_ctx + cfg.target_tokens)
+        context, target, header, query = seg[:n_ctx], seg[n_ctx:], encoding_prefix(tokenizer), None
+    elif task == "complement_chat":
+        import distill_sources
+
+        item = distill_sources.mixed(random.Random(int(rng.integers(1 << 62))))
+        context = tokenizer.encode(item.document, add_special_tokens=False)
+        header, rest = split_template(tokenizer, [{"role": "user", "content": item.message}])
+        target = tokenizer.encode(SEPARATOR + rest, add_special_tokens=False)
+        query = item.message
+    else:
+        raise ValueError(f"unknown complement task {task!r}")
+    budget = max(cfg.memory_block, round(fraction * len(context)))
+    return Sample(task, context, target, [], header=header, query=query, budget=budget)
+
+
+@torch.no_grad()
+def absorbed(model, context: list[int]):
+    """(AdapterState, ContextMemory) absorbing `context` (token ids) builds: one document, on
+    the inference path (AdaptedModel.encode_chunks)."""
+    memory = model.new_memory()
+    if memory is None:
+        raise ValueError("the complement tasks need a model that keeps a context memory")
+    step = model.chunk_tokens
+    chunks = [context[k : k + step] for k in range(0, len(context), step)]
+    state = model.encode_chunks(chunks, memory=memory)
+    memory.documents, memory.version = 1, memory.version + 1
+    return state, memory
+
+
+def plain_ids(model, sample: Sample) -> list[int]:
+    """What a session lays out when its turn reads no memory: the chat without the document,
+    or, for raw text, the text alone."""
+    if sample.query is None:
+        return list(sample.target)
+    messages = [{"role": "user", "content": sample.query}]
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def student_layout(model, sample: Sample, memory: ContextMemory, answer: list[int]) -> Layout:
+    """The sample's text after what the memory reads at its budget, as a session lays it out."""
+    read = Session(model, None, memory=memory).read(sample.query, len(sample.header), sample.budget)
+    if read is None:
+        return Layout([], None, plain_ids(model, sample) + answer)
+    return Layout(sample.header, read, sample.target + answer)
+
+
+def teacher_layout(sample: Sample) -> Layout:
+    """The sample's text with the whole document in the prompt before it: the ids the memory's
+    layout has at full budget, computed as a prompt (chunks are not encoded apart)."""
+    return Layout([], None, sample.header + sample.context + sample.target)
+
+
+def common_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def kl_rows(teacher: torch.Tensor, student: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Per row, the mean over its last `lengths[i]` positions of KL(teacher || student): logits
+    (B, T, vocab), rows left-padded (prefill). -> (B,) float32."""
+    out = []
+    for i, n in enumerate(lengths):
+        t = torch.log_softmax(teacher[i, -n:].float(), -1)
+        s = torch.log_softmax(student[i, -n:].float(), -1)
+        out.append((t.exp() * (t - s)).sum(-1).mean())
+    return torch.stack(out)
+
+
+def complement_loss(
+    model, samples: list[Sample], s_hat: dict[str, torch.Tensor] | None, answer_tokens: int = 24
+) -> torch.Tensor:
+    """(B,) KL(teacher || student) per sample, student under `s_hat` (name -> (B, r1, r2), with
+    grad; None: the memory alone). Chat samples first get the teacher's greedy answer."""
+    memories = [absorbed(model, s.context)[1] for s in samples]
+    teachers, students = [], []
+    for s, memory in zip(samples, memories, strict=True):
+        teacher = teacher_layout(s)
+        answer = []
+        if s.query is not None:
+            params = SamplingParams(max_new_tokens=answer_tokens)
+            answer = list(generate_ids(model, teacher.rest, None, params))
+            if len(answer) < answer_tokens:  # it stopped: the end of its turn is a target too
+                answer.append(model.tokenizer.eos_token_id)
+            teacher.rest = teacher.rest + answer
+        teachers.append(teacher)
+        students.append(student_layout(model, s, memory, answer))
+    lengths = [common_suffix(t.rest, s.rest) for t, s in zip(teachers, students, strict=True)]
+    with torch.no_grad():
+        _, t_logits = prefill(model, teachers, DynamicCache(), logits_to_keep=0)
+    with bound(model.binding, s_hat=s_hat):
+        _, s_logits = prefill(model, students, DynamicCache(), logits_to_keep=0)
+    return kl_rows(t_logits, s_logits, lengths)
+
+
+def batch_loss(model, samples: list[Sample], per_sample_out: list[float], answer_tokens: int):
+    """The loss of one micro-batch that may mix stage-1 tasks (passes.adapter_loss, the mean
+    NLL per target token) and complement tasks (the mean KL per position): each sample weighs
+    1 / len(samples); a batch of stage-1 tasks alone gives adapter_loss itself. Each sample's
+    own loss is appended to `per_sample_out`, in order."""
+    per: list[float] = [0.0] * len(samples)
+    plain = [i for i, s in enumerate(samples) if s.task not in COMPLEMENT_TASKS]
+    other = [i for i, s in enumerate(samples) if s.task in COMPLEMENT_TASKS]
+    total = torch.zeros((), device=model.device)
+    if plain:
+        values: list[float] = []
+        total = total + adapter_loss(model, [samples[i] for i in plain], values) * len(plain)
+        for i, v in zip(plain, values, strict=True):
+            per[i] = v
+    if other:
+        chosen = [samples[i] for i in other]
+        keep = model.generator.config.keep
+        s_hat = {n: normalize_svd(v, keep) for n, v in context_states(model, chosen).items()}
+        kl = complement_loss(model, chosen, s_hat, answer_tokens)
+        total = total + kl.sum()
+        for i, v in zip(other, kl.tolist(), strict=True):
+            per[i] = v
+    per_sample_out.extend(per)
+    return total / len(samples)
+
+
+# -- dev evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
+    """Dev figures at each budget b of cfg.memory_budgets, on the inference path (AdaptedModel
+    .encode_chunks's state and memory, bound as a session binds them):
+
+    * `b{pct}_{method}` and `b{pct}_{method}_kl`: NLL per token of cfg.eval_samples corpus
+      continuations (target_tokens after 512 context tokens; the first target token is not
+      scored: no method has its logits) and KL(teacher || method), for `memory` (the memory read
+      at b), `memory+adapter` and `memory+other` (the next span's adapter state: the
+      wrong-document control); `teacher` (the whole memory) and `base` (no context) once;
+    * `b{pct}_qa_{method}`: the share of `qa_items` held-out questions (distill_sources.evalstyle:
+      the evaluation's generator at seeds that are neither its test nor dev split) whose greedy
+      answer contains a gold answer, for the same methods and `teacher`."""
+    from distill_sources import evalstyle
+
+    from genadapter.eval.metrics import best_of, contains_match
+
+    rng = np.random.default_rng([cfg.seed, 424_242])
+    header = encoding_prefix(model.tokenizer)
+    spans = [corpus.segment(rng, 512 + cfg.target_tokens) for _ in range(cfg.eval_samples)]
+    docs = [(s[:512], s[512:]) for s in spans]
+    encoded = [absorbed(model, ctx) for ctx, _ in docs]
+    out: dict[str, float] = {}
+
+    def add(key: str, value: float, n: int) -> None:
+        out[key] = out.get(key, 0.0) + value / n
+
+    n = len(docs)
+    for i, (ctx, target) in enumerate(docs):
+        state, memory = encoded[i]
+        other = encoded[(i + 1) % n][0]
+        sample = Sample("complement", ctx, target, [], header=header)
+        teacher = _logits(model, [teacher_layout(sample)], None)
+        add("teacher", _nll(teacher, target), n)
+        add("base", _nll(_logits(model, [Layout([], None, target)], None), target), n)
+        for fraction in cfg.memory_budgets:
+            sample.budget = max(cfg.memory_block, round(fraction * len(ctx)))
+            layout = student_layout(model, sample, memory, [])
+            for method, s in (("memory", None), ("memory+adapter", state), ("memory+other", other)):
+                logits = _logits(model, [layout], s)
+                key = f"b{round(100 * fraction)}_{method}"
+                add(key, _nll(logits, target), n)
+                add(key + "_kl", kl_rows(teacher, logits, [len(target)]).item(), n)
+    qrng = random.Random(cfg.seed + 77)
+    items = [evalstyle(qrng) for _ in range(qa_items)]
+    states = [
+        absorbed(model, model.tokenizer.encode(it.document, add_special_tokens=False))
+        for it in items
+    ]
+    saved = model.memory_budget
+    try:
+        for i, item in enumerate(items):
+            state, memory = states[i]
+            other = states[(i + 1) % len(items)][0]
+            runs = [("teacher", None, saved)]
+            for fraction in cfg.memory_budgets:
+                budget = max(cfg.memory_block, round(fraction * memory.tokens))
+                pct = round(100 * fraction)
+                runs += [
+                    (f"b{pct}_qa_memory", None, budget),
+                    (f"b{pct}_qa_memory+adapter", state, budget),
+                ]
+                runs.append((f"b{pct}_qa_memory+other", other, budget))
+            for key, s, budget in runs:
+                model.memory_budget = budget
+                session = Session(model, s, memory=memory)
+                answer = session.chat(item.message, max_new_tokens=cfg.answer_tokens)
+                add(
+                    "qa_teacher" if key == "teacher" else key,
+                    best_of(contains_match, answer, item.answers),
+                    len(items),
+                )
+    finally:
+        model.memory_budget = saved
+    return out
+
+
+def _logits(model, layouts: list[Layout], state) -> torch.Tensor:
+    with model.bind_states([state]):
+        if layouts[0].read is None:
+            return model.logits(torch.tensor([layouts[0].rest]), [state])
+        return prefill(model, layouts, DynamicCache(), logits_to_keep=0)[1].float()
+
+
+def _nll(logits: torch.Tensor, target: list[int]) -> float:
+    """NLL per token of target[1:] from the logits of the last len(target) positions."""
+    n = len(target)
+    scored = logits[0, -n:-1].float()
+    return torch.nn.functional.cross_entropy(
+        scored, torch.tensor(target[1:], device=scored.device)
+    ).item()
