@@ -97,7 +97,8 @@ def plot_curves(log_path: Path, png: Path) -> None:
         if pts:
             axes[0].plot(*zip(*pts), label=task, alpha=0.8)
     axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
-    axes[0].legend()
+    if axes[0].lines:
+        axes[0].legend()
     keys = ["base", "adapter", "prompt", "adapter_other", "recon_adapter", "recon_other"]
     last = evals[-1] if evals else {}
     keys += [k for k in last if re.fullmatch(r"b\d+_memory(\+adapter|\+other)?", k)]
@@ -107,7 +108,8 @@ def plot_curves(log_path: Path, png: Path) -> None:
             style = "s--" if "recon" in key else ":" if "memory" in key else "o-"
             axes[1].plot(*zip(*pts), style, label=key)
     axes[1].set(xlabel="step", ylabel="dev loss (nats/token)", title="held-out dev documents")
-    axes[1].legend()
+    if axes[1].lines:
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
