@@ -48,6 +48,16 @@ FOLDED_STATES = 4
 SHIPPED_GENERATOR = Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct"
 
 
+def check_memory_reading(budget: int, fraction: float | None, block: int) -> None:
+    """Raise ValueError unless budget and block are whole numbers of tokens >= 1 and fraction is
+    None or in (0, 1]."""
+    for name, value in (("memory_budget", budget), ("memory_block", block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of tokens, got {value!r}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction!r}")
+
+
 class AdaptedModel:
     def __init__(
         self,
@@ -56,7 +66,11 @@ class AdaptedModel:
         chunk_tokens: int | None = None,
         chunk_batch: int = 4,
         memory: str | None = "int8",
+        memory_budget: int = DEFAULT_BUDGET,
+        memory_fraction: float | None = None,
+        memory_block: int = DEFAULT_BLOCK,
     ):
+        check_memory_reading(memory_budget, memory_fraction, memory_block)
         self.base = base.model
         self.tokenizer = base.tokenizer
         self.base_name = base.name
@@ -81,8 +95,9 @@ class AdaptedModel:
         # The context memory (memory.py): how absorbed chunks' keys and values are stored (None:
         # sessions keep no memory) and the reading policy.
         self.memory_storage = memory
-        self.memory_budget = DEFAULT_BUDGET
-        self.memory_block = DEFAULT_BLOCK
+        self.memory_budget = memory_budget  # memory tokens a turn reads at most
+        self.memory_fraction = memory_fraction  # and at most this share of what it holds
+        self.memory_block = memory_block  # tokens per selectable block, set when absorbing
         self.memory_threshold = DEFAULT_THRESHOLD
         self.memory_keep = DEFAULT_KEEP
 
@@ -341,13 +356,21 @@ def load(
     chunk_batch: int = 4,
     quantize: str | None = "auto",
     memory: str | None = "int8",
+    memory_budget: int = DEFAULT_BUDGET,
+    memory_fraction: float | None = None,
+    memory_block: int = DEFAULT_BLOCK,
 ) -> AdaptedModel:
     """Load a frozen base (default: the embedded SmolLM2-135M-Instruct) and a generator.
 
     `quantize` is "nf4", "int8" or None for the base's decoder layers (bitsandbytes); "auto" means
     nf4 on CUDA and None elsewhere. `memory` is how sessions keep the context memory of what they
     absorb (memory.py, docs/MEMORY.md): "int8" (default), "float" (the base's dtype, exact) or
-    None (no memory: sessions hold the adapter state alone)."""
+    None (no memory: sessions hold the adapter state alone). How a turn reads it: at most
+    `memory_budget` tokens (default 1024) and, with `memory_fraction`, at most that share of the
+    tokens the memory holds (at least one block); `memory_block` is the size in tokens of the
+    blocks absorbing stores and a turn selects among (default 128). Raises ValueError for a
+    budget or block under 1 or a fraction outside (0, 1]."""
+    check_memory_reading(memory_budget, memory_fraction, memory_block)
     if quantize == "auto":
         quantize = "nf4" if pick_device(device).type == "cuda" else None
     check_mode(quantize)
@@ -366,5 +389,12 @@ def load(
         )
         gen = Generator.for_base(loaded.model, GeneratorConfig())
     return AdaptedModel(
-        loaded, gen, chunk_tokens=chunk_tokens, chunk_batch=chunk_batch, memory=memory
+        loaded,
+        gen,
+        chunk_tokens=chunk_tokens,
+        chunk_batch=chunk_batch,
+        memory=memory,
+        memory_budget=memory_budget,
+        memory_fraction=memory_fraction,
+        memory_block=memory_block,
     )

@@ -41,8 +41,20 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Add --base, --generator, --device, --chunk-tokens and --quantize to a command's parser."""
+    """Add --base, --generator, --device, --chunk-tokens, --quantize and the context memory's
+    reading options to a command's parser."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--base",
@@ -70,6 +82,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=QUANTIZE_CHOICES,
         default="auto",
         help="base weights through bitsandbytes (default: auto, nf4 on CUDA and none on the CPU)",
+    )
+    group.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="N",
+        help="context memory tokens a turn reads at most (default: 1024)",
+    )
+    group.add_argument(
+        "--memory-fraction",
+        type=fraction,
+        metavar="F",
+        help="and at most this share of the tokens the memory holds, at least one block "
+        "(default: no such limit)",
+    )
+    group.add_argument(
+        "--memory-block",
+        type=positive_int,
+        metavar="N",
+        help="tokens per block of the memory that a turn selects among, set when absorbing "
+        "(default: 128)",
     )
 
 
@@ -146,6 +178,11 @@ def model_kwargs(args: argparse.Namespace, **overrides) -> dict:
         "device": args.device,
         "chunk_tokens": args.chunk_tokens,
         "quantize": quantize_arg(args.quantize),
+        **{
+            key: getattr(args, key)
+            for key in ("memory_budget", "memory_fraction", "memory_block")
+            if getattr(args, key, None) is not None
+        },
         **overrides,
     }
 

@@ -99,8 +99,9 @@ class Session:
 
     def read(self, query: str | None, header_len: int, budget: int) -> MemoryRead | None:
         """The memory one turn reads (memory.ContextMemory.select over `query`'s lexical
-        embedding, at most `budget` tokens), laid out after a header of `header_len` tokens; None
-        when nothing is read. The last layout is kept and reused while the same chunks are read."""
+        embedding, at most `budget` tokens, and at most the model's memory_fraction of the
+        memory's tokens when set), laid out after a header of `header_len` tokens; None when
+        nothing is read. The last layout is kept and reused while the same chunks are read."""
         if not self._reads_memory() or budget <= 0:
             return None
         m = self.model
@@ -112,6 +113,8 @@ class Session:
         memory = self._turn_memory(q, budget)
         if memory is None:
             return None
+        if m.memory_fraction is not None:  # a share of what it holds, at least one block
+            budget = min(budget, max(m.memory_block, round(m.memory_fraction * memory.tokens)))
         chunks = memory.select(q, budget, m.memory_threshold, m.memory_keep)
         if not chunks:
             return None

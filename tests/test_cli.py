@@ -13,6 +13,7 @@ import sys
 import termios
 import time
 
+import pytest
 import torch
 
 import genadapter
@@ -256,6 +257,19 @@ def test_bad_arguments_are_one_line_errors_before_the_model_loads(tmp_path, caps
         assert err.count("\n") == 1 and message in err, (args, err)
         assert err.startswith(f"genadapter {args[0]}: error: "), err
     assert not (tmp_path / "s").exists()
+
+
+def test_memory_reading_options_are_checked_by_the_parser(capsys):
+    from genadapter.cli import main
+
+    for args, message in (
+        (["eval", "--memory-fraction", "1.5"], "--memory-fraction: must be in (0, 1]"),
+        (["chat", "--memory-budget", "0"], "--memory-budget: must be at least 1"),
+        (["absorb", "x", "--out", "y", "--memory-block", "a"], "expected a whole number"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 # -- Ctrl+C in chat --------------------------------------------------------------------------------

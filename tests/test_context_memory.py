@@ -182,3 +182,29 @@ def test_memory_kinds_are_checked(model):
     with pytest.raises(ValueError, match="prefix"):
         model.new_memory().extend(other)
     assert Layout([1], None, [2, 3]).__len__() == 3
+
+
+def test_memory_fraction_caps_each_read_to_a_share_of_the_memory(untrained_model, monkeypatch):
+    """memory_fraction: a turn reads at most that share of the memory's tokens (at least one
+    block), within memory_budget; without it, the budget alone."""
+    monkeypatch.setattr(untrained_model, "memory_block", 16)
+    s = untrained_model.session()
+    s.absorb(DOCUMENT)
+    held = s.memory_tokens
+    whole = s.read(None, 20, 4096)
+    assert whole is not None and whole.tokens == held
+    monkeypatch.setattr(untrained_model, "memory_fraction", 0.25)
+    quarter = s.read(None, 20, 4096)
+    assert 0 < quarter.tokens <= round(0.25 * held) and quarter.tokens > 0.25 * held - 16
+    assert s.read(None, 20, 16).tokens <= 16  # the budget still applies
+    monkeypatch.setattr(untrained_model, "memory_fraction", 0.001)
+    assert 0 < s.read(None, 20, 4096).tokens <= 16  # a budget of one block, not nothing
+
+
+def test_memory_reading_options_are_checked():
+    """Checked before anything loads."""
+    import genadapter
+
+    for bad in ({"memory_budget": 0}, {"memory_block": 2.5}, {"memory_fraction": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            genadapter.load(base="/nonexistent", **bad)

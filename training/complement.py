@@ -187,7 +187,8 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
       wrong-document control); `teacher` (the whole memory) and `base` (no context) once;
     * `b{pct}_qa_{method}`: the share of `qa_items` held-out questions (distill_sources.evalstyle:
       the evaluation's generator at seeds that are neither its test nor dev split) whose greedy
-      answer contains a gold answer, for the same methods and `teacher`."""
+      answer contains a gold answer, for the same methods (model.memory_fraction = b), and
+      `qa_memory_whole`: the memory at the model's whole budget, no adapter."""
     from distill_sources import evalstyle
 
     from genadapter.eval.metrics import best_of, contains_match
@@ -224,31 +225,27 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
         absorbed(model, model.tokenizer.encode(it.document, add_special_tokens=False))
         for it in items
     ]
-    saved = model.memory_budget
+    saved = model.memory_fraction
     try:
         for i, item in enumerate(items):
             state, memory = states[i]
             other = states[(i + 1) % len(items)][0]
-            runs = [("teacher", None, saved)]
+            runs = [("qa_memory_whole", None, None)]
             for fraction in cfg.memory_budgets:
-                budget = max(cfg.memory_block, round(fraction * memory.tokens))
                 pct = round(100 * fraction)
                 runs += [
-                    (f"b{pct}_qa_memory", None, budget),
-                    (f"b{pct}_qa_memory+adapter", state, budget),
+                    (f"b{pct}_qa_memory", None, fraction),
+                    (f"b{pct}_qa_memory+adapter", state, fraction),
+                    (f"b{pct}_qa_memory+other", other, fraction),
                 ]
-                runs.append((f"b{pct}_qa_memory+other", other, budget))
-            for key, s, budget in runs:
-                model.memory_budget = budget
-                session = Session(model, s, memory=memory)
-                answer = session.chat(item.message, max_new_tokens=cfg.answer_tokens)
-                add(
-                    "qa_teacher" if key == "teacher" else key,
-                    best_of(contains_match, answer, item.answers),
-                    len(items),
+            for key, s, fraction in runs:
+                model.memory_fraction = fraction  # Session.read: that share, at least a block
+                answer = Session(model, s, memory=memory).chat(
+                    item.message, max_new_tokens=cfg.answer_tokens
                 )
+                add(key, best_of(contains_match, answer, item.answers), len(items))
     finally:
-        model.memory_budget = saved
+        model.memory_fraction = saved
     return out
 
 
