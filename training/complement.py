@@ -28,9 +28,11 @@ import random
 
 import numpy as np
 import torch
-from passes import Corpus, Sample, adapter_loss, context_states
+from distill_sources import evalstyle, mixed
+from passes import Corpus, Sample, adapter_loss, common_suffix, context_states
 from transformers import DynamicCache
 
+from genadapter.eval.metrics import best_of, contains_match
 from genadapter.generation import SamplingParams, generate_ids, prefill
 from genadapter.layers import bound
 from genadapter.memory import ContextMemory, encoding_prefix, split_template
@@ -51,9 +53,7 @@ def draw_complement(cfg, corpus: Corpus, tokenizer, rng: np.random.Generator, ta
         seg = corpus.segment(rng, n_ctx + cfg.target_tokens)
         context, target, header, query = seg[:n_ctx], seg[n_ctx:], encoding_prefix(tokenizer), None
     elif task == "complement_chat":
-        import distill_sources
-
-        item = distill_sources.mixed(random.Random(int(rng.integers(1 << 62))))
+        item = mixed(random.Random(int(rng.integers(1 << 62))))
         context = tokenizer.encode(item.document, add_special_tokens=False)
         header, rest = split_template(tokenizer, [{"role": "user", "content": item.message}])
         target = tokenizer.encode(SEPARATOR + rest, add_special_tokens=False)
@@ -100,13 +100,6 @@ def teacher_layout(sample: Sample) -> Layout:
     """The sample's text with the whole document in the prompt before it: the ids the memory's
     layout has at full budget, computed as a prompt (chunks are not encoded apart)."""
     return Layout([], None, sample.header + sample.context + sample.target)
-
-
-def common_suffix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
 
 
 def kl_rows(teacher: torch.Tensor, student: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -189,10 +182,6 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
       the evaluation's generator at seeds that are neither its test nor dev split) whose greedy
       answer contains a gold answer, for the same methods (model.memory_fraction = b), and
       `qa_memory_whole`: the memory at the model's whole budget, no adapter."""
-    from distill_sources import evalstyle
-
-    from genadapter.eval.metrics import best_of, contains_match
-
     rng = np.random.default_rng([cfg.seed, 424_242])
     header = encoding_prefix(model.tokenizer)
     spans = [corpus.segment(rng, 512 + cfg.target_tokens) for _ in range(cfg.eval_samples)]

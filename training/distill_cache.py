@@ -29,18 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_sources  # noqa: E402
+from passes import common_suffix  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
 from genadapter.eval.runner import chat_ids, chat_message  # noqa: E402
 
 KEY_LAYERS = (12, 18, 24)  # residual-stream inputs of these decoder layers are kept as well
-
-
-def common_suffix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
 
 
 @torch.no_grad()

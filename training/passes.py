@@ -121,3 +121,11 @@ def adapter_loss(
     keep = model.generator.config.keep
     s_hat = {n: normalize_svd(s, keep) for n, s in S.items()}
     return target_loss(model, samples, s_hat, per_sample_out)
+
+
+def common_suffix(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` share at their ends."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
