@@ -256,4 +256,5 @@ def test_complement_stage_trains(setup, tmp_path):
         for method in ("memory", "memory+adapter", "memory+other"):
             assert math.isfinite(last[f"b{pct}_{method}"]) and last[f"b{pct}_{method}_kl"] >= 0
             assert 0 <= last[f"b{pct}_qa_{method}"] <= 1
-    assert last["teacher"] < last["base"] or last["teacher"] > 0
+    assert math.isfinite(last["b_teacher"]) and math.isfinite(last["b_base"])
+    assert last["base"] != last["b_base"]  # the stage-1 figures are still there, on other spans

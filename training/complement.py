@@ -177,7 +177,8 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
       continuations (target_tokens after 512 context tokens; the first target token is not
       scored: no method has its logits) and KL(teacher || method), for `memory` (the memory read
       at b), `memory+adapter` and `memory+other` (the next span's adapter state: the
-      wrong-document control); `teacher` (the whole memory) and `base` (no context) once;
+      wrong-document control); `b_teacher` (the document in the prompt) and `b_base` (no
+      context) once, on the same spans (evaluate's `base` and `prompt` score other spans);
     * `b{pct}_qa_{method}`: the share of `qa_items` held-out questions (distill_sources.evalstyle:
       the evaluation's generator at seeds that are neither its test nor dev split) whose greedy
       answer contains a gold answer, for the same methods (model.memory_fraction = b), and
@@ -198,8 +199,8 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
         other = encoded[(i + 1) % n][0]
         sample = Sample("complement", ctx, target, [], header=header)
         teacher = _logits(model, [teacher_layout(sample)], None)
-        add("teacher", _nll(teacher, target), n)
-        add("base", _nll(_logits(model, [Layout([], None, target)], None), target), n)
+        add("b_teacher", _nll(teacher, target), n)
+        add("b_base", _nll(_logits(model, [Layout([], None, target)], None), target), n)
         for fraction in cfg.memory_budgets:
             sample.budget = max(cfg.memory_block, round(fraction * len(ctx)))
             layout = student_layout(model, sample, memory, [])
