@@ -25,6 +25,7 @@ adapter, as a session answers; the loss then covers the positions whose text the
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -253,3 +254,41 @@ def _nll(logits: torch.Tensor, target: list[int]) -> float:
     return torch.nn.functional.cross_entropy(
         scored, torch.tensor(target[1:], device=scored.device)
     ).item()
+
+
+def main(argv=None) -> None:
+    """Print a generator's complement-stage dev figures (evaluate_complement) as JSON:
+
+    python training/complement.py --generator training/runs/paper-s12/generator
+    """
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    from genadapter.base import load_base
+    from genadapter.generator import Generator
+    from genadapter.model import AdaptedModel
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--generator", required=True, help="a trained generator folder")
+    p.add_argument("--data_dir", default="training/data")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    # The dev spans and questions of a training run with the default seed and the complement
+    # config's sizes (training/configs/smollm2-135m-complement.json).
+    cfg = SimpleNamespace(
+        seed=0, eval_samples=8, target_tokens=128, answer_tokens=24, memory_budgets=(0.1, 0.25)
+    )
+    cfg.memory_block = 32
+    base = load_base(None, device="cpu", dtype=torch.bfloat16)
+    model = AdaptedModel(base, Generator.from_pretrained(args.generator, base.fingerprint))
+    model.memory_block = cfg.memory_block
+    figures = evaluate_complement(model, cfg, Corpus(args.data_dir, "dev"))
+    text = json.dumps({"generator": args.generator, **figures}, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
