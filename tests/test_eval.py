@@ -347,6 +347,7 @@ def test_eval_command_writes_table_json_and_charts(tmp_path, capsys):
 
     # main() in this process (a new interpreter is 3-4 s of imports), under the tests' umask.
     argv = ["eval", *["--suite", "completion"] * 2, "--limit", "tiny", "--out", str(tmp_path)]
+    argv += ["--memory-fraction", "0.5", "--memory-block", "64"]  # recorded in the config
     previous = os.umask(UMASK)
     try:
         assert cli.main(argv) == 0
@@ -362,6 +363,12 @@ def test_eval_command_writes_table_json_and_charts(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["suites"]) == ["completion"]  # a suite named twice runs once
     assert results["config"]["limit"] == "tiny" and results["config"]["seconds"] > 0
+    assert results["config"]["memory"] == {
+        "storage": "int8",
+        "budget": 1024,
+        "fraction": 0.5,
+        "block": 64,
+    }
     # completion has methods of its own (the controls): one chart per headline metric
     chart = tmp_path / "completion-perplexity.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -264,6 +264,12 @@ def run_suites(
             "chunk_tokens": model.chunk_tokens,
             "window": model.max_positions,
             "device": str(model.device),
+            "memory": {  # how turns read the context memory (docs/MEMORY.md, "Selection")
+                "storage": model.memory_storage,
+                "budget": model.memory_budget,
+                "fraction": model.memory_fraction,
+                "block": model.memory_block,
+            },
         },
         "suites": {},
     }
