@@ -147,20 +147,20 @@ def batch_loss(model, samples: list[Sample], per_sample_out: list[float], answer
     own loss is appended to `per_sample_out`, in order."""
     per: list[float] = [0.0] * len(samples)
     plain = [i for i, s in enumerate(samples) if s.task not in COMPLEMENT_TASKS]
-    other = [i for i, s in enumerate(samples) if s.task in COMPLEMENT_TASKS]
+    complementing = [i for i, s in enumerate(samples) if s.task in COMPLEMENT_TASKS]
     total = torch.zeros((), device=model.device)
     if plain:
         values: list[float] = []
         total = total + adapter_loss(model, [samples[i] for i in plain], values) * len(plain)
         for i, v in zip(plain, values, strict=True):
             per[i] = v
-    if other:
-        chosen = [samples[i] for i in other]
+    if complementing:
+        chosen = [samples[i] for i in complementing]
         keep = model.generator.config.keep
         s_hat = {n: normalize_svd(v, keep) for n, v in context_states(model, chosen).items()}
         kl = complement_loss(model, chosen, s_hat, answer_tokens)
         total = total + kl.sum()
-        for i, v in zip(other, kl.tolist(), strict=True):
+        for i, v in zip(complementing, kl.tolist(), strict=True):
             per[i] = v
     per_sample_out.extend(per)
     return total / len(samples)
