@@ -36,6 +36,12 @@ class MemoryFormatError(ValueError):
     """A memory's tensors are malformed, or do not fit this model."""
 
 
+def fraction_budget(fraction: float, tokens: int, block: int) -> int:
+    """The tokens a turn may read when it reads `fraction` of a memory holding `tokens`: never
+    under one `block`, so a small share still reads something (AdaptedModel.memory_fraction)."""
+    return max(block, round(fraction * tokens))
+
+
 def encoding_prefix(tokenizer) -> list[int]:
     """Token ids every chunk is encoded after: the chat template's text up to the first user
     message's content (system prompt and user header), so an absorbed chunk's keys and values are

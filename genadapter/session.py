@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .generation import SamplingParams, generate_ids, stream_text
-from .memory import ContextMemory, MemoryFormatError, split_template
+from .memory import ContextMemory, MemoryFormatError, fraction_budget, split_template
 from .memory_read import SEPARATOR, Layout, MemoryRead, assemble
 from .state import AdapterState, CorruptStateError, IncompatibleStateError
 
@@ -114,7 +114,7 @@ class Session:
         if memory is None:
             return None
         if m.memory_fraction is not None:  # a share of what it holds, at least one block
-            budget = min(budget, max(m.memory_block, round(m.memory_fraction * memory.tokens)))
+            budget = min(budget, fraction_budget(m.memory_fraction, memory.tokens, m.memory_block))
         chunks = memory.select(q, budget, m.memory_threshold, m.memory_keep)
         if not chunks:
             return None

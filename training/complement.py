@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from genadapter.eval.metrics import best_of, contains_match
 from genadapter.generation import SamplingParams, generate_ids, prefill
 from genadapter.layers import bound
-from genadapter.memory import ContextMemory, encoding_prefix, split_template
+from genadapter.memory import ContextMemory, encoding_prefix, fraction_budget, split_template
 from genadapter.memory_read import SEPARATOR, Layout
 from genadapter.session import Session
 from genadapter.state import normalize_svd
@@ -61,7 +61,7 @@ def draw_complement(cfg, corpus: Corpus, tokenizer, rng: np.random.Generator, ta
         query = item.message
     else:
         raise ValueError(f"unknown complement task {task!r}")
-    budget = max(cfg.memory_block, round(fraction * len(context)))
+    budget = fraction_budget(fraction, len(context), cfg.memory_block)
     return Sample(task, context, target, [], header=header, query=query, budget=budget)
 
 
@@ -203,7 +203,7 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
         add("b_teacher", _nll(teacher, target), n)
         add("b_base", _nll(_logits(model, [Layout([], None, target)], None), target), n)
         for fraction in cfg.memory_budgets:
-            sample.budget = max(cfg.memory_block, round(fraction * len(ctx)))
+            sample.budget = fraction_budget(fraction, len(ctx), cfg.memory_block)
             layout = student_layout(model, sample, memory, [])
             for method, s in (("memory", None), ("memory+adapter", state), ("memory+other", other)):
                 logits = _logits(model, [layout], s)
@@ -241,9 +241,9 @@ def evaluate_complement(model, cfg, corpus: Corpus, qa_items: int = 8) -> dict:
 
 
 def _logits(model, layouts: list[Layout], state) -> torch.Tensor:
+    if layouts[0].read is None:  # model.logits binds the state itself
+        return model.logits(torch.tensor([layouts[0].rest]), [state])
     with model.bind_states([state]):
-        if layouts[0].read is None:
-            return model.logits(torch.tensor([layouts[0].rest]), [state])
         return prefill(model, layouts, DynamicCache(), logits_to_keep=0)[1].float()
 
 
@@ -271,19 +271,19 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--generator", required=True, help="a trained generator folder")
-    p.add_argument("--data_dir", default="training/data")
+    p.add_argument(
+        "--config",
+        default="training/configs/smollm2-135m-complement.json",
+        help="the training config whose dev spans, budgets and sizes to use",
+    )
     p.add_argument("--out", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    # The dev spans and questions of a training run with the default seed and the complement
-    # config's sizes (training/configs/smollm2-135m-complement.json).
-    cfg = SimpleNamespace(
-        seed=0, eval_samples=8, target_tokens=128, answer_tokens=24, memory_budgets=(0.1, 0.25)
-    )
-    cfg.memory_block = 32
+    values = {"seed": 0, **json.loads(Path(args.config).read_text())}  # TrainConfig's seed
+    cfg = SimpleNamespace(**values)
     base = load_base(None, device="cpu", dtype=torch.bfloat16)
-    model = AdaptedModel(base, Generator.from_pretrained(args.generator, base.fingerprint))
-    model.memory_block = cfg.memory_block
-    figures = evaluate_complement(model, cfg, Corpus(args.data_dir, "dev"))
+    generator = Generator.from_pretrained(args.generator, base.fingerprint)
+    model = AdaptedModel(base, generator, memory_block=cfg.memory_block)
+    figures = evaluate_complement(model, cfg, Corpus(cfg.data_dir, "dev"))
     text = json.dumps({"generator": args.generator, **figures}, indent=1)
     print(text)
     if args.out:
