@@ -258,3 +258,43 @@ def test_complement_stage_trains(setup, tmp_path):
             assert 0 <= last[f"b{pct}_qa_{method}"] <= 1
     assert math.isfinite(last["b_teacher"]) and math.isfinite(last["b_base"])
     assert last["base"] != last["b_base"]  # the stage-1 figures are still there, on other spans
+
+
+def test_every_fact_question_of_the_training_chats_has_its_answer_in_the_document():
+    """distill_sources: document-QA and a user's-facts items carry gold answers that their
+    documents state (the complement stage's gate scores them); general questions carry none."""
+    import random
+
+    from distill_sources import general, persona, synth
+
+    rng = random.Random(3)
+    for source in (synth, persona):
+        for _ in range(20):
+            item = source(rng)
+            assert item.answers and all(a in item.document for a in item.answers)
+    assert general(rng).answers == []
+
+
+def test_complement_teacher_answer_falls_back_to_the_gold_answer(setup, model):
+    """complement.teacher_answer: a greedy answer that misses every gold answer is replaced by
+    the first gold answer and the end of turn; without gold answers the greedy answer stays."""
+    import torch
+    from complement import teacher_answer
+
+    from genadapter.base import load_base
+    from genadapter.generator import Generator, GeneratorConfig
+    from genadapter.model import AdaptedModel
+
+    base = load_base(str(setup[0]), device="cpu", dtype=torch.float32)
+    config = GeneratorConfig(targets=("o_proj",), r1=8, r2=8, chunk_tokens=128)
+    adapted = AdaptedModel(base, Generator.for_base(base.model, config))
+    tok = adapted.tokenizer
+    ids = tok.encode("Who founded the guild? The answer:", add_special_tokens=False)
+    free = teacher_answer(adapted, ids, [], 6)
+    assert 1 <= len(free) <= 7
+    gold = "Quorvath Ilinsk"  # a random tiny base does not write it
+    forced = teacher_answer(adapted, ids, [gold], 6)
+    assert forced == tok.encode(gold, add_special_tokens=False) + [tok.eos_token_id]
+    written = tok.decode(free[:6], skip_special_tokens=True)
+    if written.strip():  # it wrote something: an answer it contains keeps it
+        assert teacher_answer(adapted, ids, [written], 6) == free

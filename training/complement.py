@@ -7,7 +7,8 @@
   the memory's layout has at full budget);
 * loss: KL(teacher || student) over the vocabulary at every position of the text after the
   document (the continuation; or the message, the chat template and the teacher's own greedy
-  answer), averaged over positions.
+  answer, replaced by the gold answer where the chat has one and the teacher's misses it),
+  averaged over positions.
 
 Two tasks (TrainConfig.task_mix):
 
@@ -53,16 +54,19 @@ def draw_complement(cfg, corpus: Corpus, tokenizer, rng: np.random.Generator, ta
         n_ctx = int(rng.integers(cfg.context_min, cfg.context_max + 1))
         seg = corpus.segment(rng, n_ctx + cfg.target_tokens)
         context, target, header, query = seg[:n_ctx], seg[n_ctx:], encoding_prefix(tokenizer), None
+        answers = []
     elif task == "complement_chat":
         item = mixed(random.Random(int(rng.integers(1 << 62))))
         context = tokenizer.encode(item.document, add_special_tokens=False)
         header, rest = split_template(tokenizer, [{"role": "user", "content": item.message}])
         target = tokenizer.encode(SEPARATOR + rest, add_special_tokens=False)
-        query = item.message
+        query, answers = item.message, item.answers
     else:
         raise ValueError(f"unknown complement task {task!r}")
     budget = fraction_budget(fraction, len(context), cfg.memory_block)
-    return Sample(task, context, target, [], header=header, query=query, budget=budget)
+    return Sample(
+        task, context, target, [], header=header, query=query, budget=budget, answers=answers
+    )
 
 
 @torch.no_grad()
@@ -103,6 +107,19 @@ def teacher_layout(sample: Sample) -> Layout:
     return Layout([], None, sample.header + sample.context + sample.target)
 
 
+def teacher_answer(model, ids: list[int], answers: list[str], answer_tokens: int) -> list[int]:
+    """The teacher's greedy answer to the chat `ids` (at most answer_tokens, with the end of its
+    turn when it stopped), unless the sample has gold `answers` and the teacher's contains none
+    of them: then the first gold answer and the end of turn, so that the KL scores the teacher's
+    distribution on the document's answer instead of teaching its mistake."""
+    eos = model.tokenizer.eos_token_id
+    answer = list(generate_ids(model, ids, None, SamplingParams(max_new_tokens=answer_tokens)))
+    text = model.tokenizer.decode(answer, skip_special_tokens=True)
+    if answers and not best_of(contains_match, text, answers):
+        return model.tokenizer.encode(answers[0], add_special_tokens=False) + [eos]
+    return answer + [eos] if len(answer) < answer_tokens else answer
+
+
 def kl_rows(teacher: torch.Tensor, student: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Per row, the mean over its last `lengths[i]` positions of KL(teacher || student): logits
     (B, T, vocab), rows left-padded (prefill). -> (B,) float32."""
@@ -125,10 +142,7 @@ def complement_loss(
         teacher = teacher_layout(s)
         answer = []
         if s.query is not None:
-            params = SamplingParams(max_new_tokens=answer_tokens)
-            answer = list(generate_ids(model, teacher.rest, None, params))
-            if len(answer) < answer_tokens:  # it stopped: the end of its turn is a target too
-                answer.append(model.tokenizer.eos_token_id)
+            answer = teacher_answer(model, teacher.rest, s.answers, answer_tokens)
             teacher.rest = teacher.rest + answer
         teachers.append(teacher)
         students.append(student_layout(model, s, memory, answer))
@@ -276,6 +290,7 @@ def main(argv=None) -> None:
         default="training/configs/smollm2-135m-complement.json",
         help="the training config whose dev spans, budgets and sizes to use",
     )
+    p.add_argument("--qa-items", type=int, default=8, help="held-out questions to answer")
     p.add_argument("--out", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     values = {"seed": 0, **json.loads(Path(args.config).read_text())}  # TrainConfig's seed
@@ -283,7 +298,7 @@ def main(argv=None) -> None:
     base = load_base(None, device="cpu", dtype=torch.bfloat16)
     generator = Generator.from_pretrained(args.generator, base.fingerprint)
     model = AdaptedModel(base, generator, memory_block=cfg.memory_block)
-    figures = evaluate_complement(model, cfg, Corpus(cfg.data_dir, "dev"))
+    figures = evaluate_complement(model, cfg, Corpus(cfg.data_dir, "dev"), args.qa_items)
     text = json.dumps({"generator": args.generator, **figures}, indent=1)
     print(text)
     if args.out:

@@ -82,17 +82,19 @@ CHAT = [
 def persona(rng: random.Random) -> Item:
     """A conversation (speaker turns) in which the user mentions facts about themselves."""
     facts = rng.sample(MY_FACTS, rng.randint(3, 6))
-    lines = []
+    lines, values = [], []
     for template, _, kind in facts:
         value = name(rng) if kind == "name" else name(rng, 3) if kind == "place" else None
-        said = template.format(**{kind: value or rng.choice(FILL[kind])})
+        values.append(value or rng.choice(FILL[kind]))
+        said = template.format(**{kind: values[-1]})
         lines.append((said, rng.choice(["Good to know!", "Thanks for telling me.", "Noted."])))
     for ask in rng.sample(CHAT, rng.randint(1, 2)):
         lines.insert(rng.randrange(len(lines) + 1), ask)
     user, bot = rng.choice([("User", "Assistant"), ("Me", "You"), ("Human", "AI")])
     document = "\n".join(f"{user}: {a}\n{bot}: {b}" for a, b in lines)
-    template, question, _ = rng.choice(facts)
-    return Item(document, f"{question} {rng.choice(INSTRUCTIONS)}".strip())
+    asked = rng.randrange(len(facts))  # the same draw as rng.choice(facts)
+    question = facts[asked][1]
+    return Item(document, f"{question} {rng.choice(INSTRUCTIONS)}".strip(), [values[asked]])
 
 
 # -- general questions with an unrelated document absorbed ----------------------------------------

@@ -50,6 +50,7 @@ class Sample:
     header: list[int] = field(default_factory=list)
     query: str | None = None
     budget: int = 0
+    answers: list[str] = field(default_factory=list)  # gold answers of a chat (empty: none)
 
 
 # -- model passes -------------------------------------------------------------------------------
