@@ -20,10 +20,10 @@ import time
 import torch
 
 from .benchkit import bench_text, header, part_report, timed_greedy
-from .embedding import encode_with_means
 from .layers import bound
+from .library.embedding import encode_with_means
+from .library.routing import Routes, standardize
 from .model import AdaptedModel
-from .routing import Routes, standardize
 from .state import AdapterState
 
 # Real states the synthetic library is made from, and their perturbation (relative to each

@@ -179,11 +179,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_library(args: argparse.Namespace) -> int:
-    """`library add|list|rm|search`: manage and search a library folder (genadapter/library.py)."""
+    """`library add|list|rm|search`: manage and search a library folder (genadapter/library/)."""
     import time
     from pathlib import Path
 
-    from .library import Library, NoEntryError
+    from .library.entry import NoEntryError
+    from .library.folder import Library
 
     if args.action == "add":
         for doc in args.files:

@@ -107,7 +107,7 @@ class Session:
         m = self.model
         q = None
         if query is not None and query.strip():
-            from .embedding import lexical  # the question's reading by the base alone
+            from .library.embedding import lexical  # the question's reading by the base alone
 
             q = lexical(m, [query])
         memory = self._turn_memory(q, budget)

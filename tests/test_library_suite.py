@@ -10,7 +10,7 @@ from genadapter.eval.library_suite import (
     first_sentences,
     library_documents,
 )
-from genadapter.library import Library
+from genadapter.library.folder import Library
 
 
 def test_first_sentences_ends_at_a_sentence_after_enough_words():

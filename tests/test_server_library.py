@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genadapter.generation import SamplingParams
-from genadapter.library import Library
+from genadapter.library.folder import Library
 from genadapter.server.worker import ModelWorker
 from genadapter.session import Session
 

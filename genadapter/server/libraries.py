@@ -1,4 +1,4 @@
-"""HTTP API for adapter libraries (genadapter/library.py) kept under the server's store, and the
+"""HTTP API for adapter libraries (genadapter/library/) kept under the server's store, and the
 routes a chat request's `library` runs under.
 
 A library lives in STORE/libraries/NAME/ in the library's own format (atomically written,
@@ -26,9 +26,10 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..embedding import check_kind
-from ..library import MANIFEST, EntryDraft, Library, MissingEmbeddingError, NoEntryError
-from ..library_entry import NAME_RE as ENTRY_NAME
+from ..library.embedding import check_kind
+from ..library.entry import NAME_RE as ENTRY_NAME
+from ..library.entry import EntryDraft, MissingEmbeddingError, NoEntryError
+from ..library.folder import MANIFEST, Library
 from ..memory_read import Layout
 from ..model import AdaptedModel
 from ..state import CorruptStateError, IncompatibleStateError
@@ -89,8 +90,8 @@ class SearchBody(BaseModel):
 
     query: str = Field(min_length=1, max_length=100_000)
     k: int = Field(5, ge=1, le=MAX_SEARCH_K)
-    # The embedding, one of genadapter.embedding.KINDS; None: Library.search's default (lexical,
-    # or internal while some entry predates lexical embeddings).
+    # The embedding, one of genadapter.library.embedding.KINDS; None: Library.search's default
+    # (lexical, or internal while some entry predates lexical embeddings).
     kind: str | None = None
 
     @field_validator("kind")
@@ -210,7 +211,7 @@ class LibraryStore:
     ) -> tuple[dict, Layout | None]:
         """(routes, layout) of a chat over the library `name` with top-k mixing: layer name ->
         Routes, and the Layout of what the chat's last message reads of the entries' context
-        memories (library_memory.py, as Library.session's chat_layout lays it out, `reserve`
+        memories (library/memory.py, as Library.session's chat_layout lays it out, `reserve`
         tokens of the window kept for the answer), or None when it reads nothing. ApiError 404
         (no library), 409 (no entries, or made with another model); CorruptStateError for a
         damaged entry."""
