@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .bench import format_report, run_bench
+    from .bench.run import format_report, run_bench
     from .state import atomic_write
 
     if args.library and args.memory:
@@ -225,10 +225,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = load_model(args, dtype=args.dtype)
     size = "quick" if args.quick else "default"
     if args.library or args.memory:  # part 5 (an adapter library) or 6 (context memory) alone
-        from . import bench_library, bench_memory
-        from .bench import SIZES
+        from .bench import library, memory
+        from .bench.run import SIZES
 
-        part = bench_library if args.library else bench_memory
+        part = library if args.library else memory
         results = part.run(model, SIZES[size])
         print(part.format_report(results))
     else:

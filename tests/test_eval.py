@@ -292,7 +292,7 @@ def test_library_suite_rows_hold_every_condition(tiny_results):
                     assert record[c] == record["base"], c
             assert record["memory+adapter"] == record["memory"]
         assert set(row["retrieval"]) == {"lexical", "internal", "behaviour"}
-        assert row["decode"] is None  # not timed at tiny (bench_library is tested in test_bench)
+        assert row["decode"] is None  # not timed at tiny (bench/library.py is tested in test_bench)
     # the entry's memory is its document's text: it changes the continuation's likelihood
     (record,) = corpus["records"]
     assert record["memory"]["perplexity"] != record["base"]["perplexity"]

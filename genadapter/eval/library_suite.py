@@ -32,7 +32,7 @@ context that each condition recovers, (base - c) / (base - oracle) on perplexity
 accuracy@1 and @5 of Library.search over all N documents, the query being the first sentence(s)
 of the continuation (corpus) or the question (QA), for each embedding kind the library offers;
 "decode": milliseconds per decoded token routed (k = 2) against one document's state alone
-(bench_library.routed_against_single; None at the tiny limit)."""
+(bench/library.py's routed_against_single; None at the tiny limit)."""
 
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def _decode(model, library: Library, docs: list[LibraryDocument], limits: Limits
     """Per-token decode time routed (k = DECODE_K) against the first document's state alone,
     after the first corpus document's first 16 continuation tokens (or a QA question); None
     when the limit's new tokens are fewer than DECODE_MIN_TOKENS (tiny: not worth its cost)."""
-    from ..bench_library import routed_against_single
+    from ..bench.library import routed_against_single
 
     if limits.library_new_tokens < DECODE_MIN_TOKENS:
         return None
