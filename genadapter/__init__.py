@@ -21,11 +21,11 @@ _EXPORTS = {
     "GeneratorConfig": "generator",
     "GeneratorFormatError": "generator",
     "IncompatibleStateError": "state",
-    "LoraAdapter": "export",
+    "LoraAdapter": "adapters.export",
     "Session": "session",
     "load": "model",
-    "merge": "merging",
-    "merge_sessions": "merging",
+    "merge": "adapters.merging",
+    "merge_sessions": "adapters.merging",
     "normalize_svd": "state",
 }
 
@@ -48,9 +48,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what the lazy imports below resolve to, for type checkers and readers
-    from .export import LoraAdapter
+    from .adapters.export import LoraAdapter
+    from .adapters.merging import merge, merge_sessions
     from .generator import Generator, GeneratorConfig, GeneratorFormatError
-    from .merging import merge, merge_sessions
     from .model import AbsorbStats, AdaptedModel, load
     from .session import Session
     from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd

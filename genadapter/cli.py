@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_session, memory_note
+    from .adapters.export import export_session, memory_note
     from .session import _state_path
 
     if not args.peft and not args.merged:
@@ -157,8 +157,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export import CONFIG_FILE
-    from .merging import merge, merge_session_files
+    from .adapters.export import CONFIG_FILE
+    from .adapters.merging import merge, merge_session_files
     from .session import _state_path
 
     loras = [(Path(p) / CONFIG_FILE).is_file() for p in args.inputs]
@@ -362,7 +362,8 @@ def _add_export(sub) -> None:
     p.set_defaults(run=cmd_export)
 
 
-# merging.METHODS, spelled out: building the parser must not import torch (tests check both).
+# adapters/merging.py's METHODS, spelled out: building the parser must not import torch (tests
+# check both).
 MERGE_METHODS = (
     "sum", "mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
 )  # fmt: skip

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 import genadapter
 from genadapter import cli
-from genadapter.export import LoraAdapter, export_session, session_lora
+from genadapter.adapters.export import LoraAdapter, export_session, session_lora
+from genadapter.adapters.merging import METHODS
 from genadapter.memory import ContextMemory
-from genadapter.merging import METHODS
 from genadapter.session import Session
 from genadapter.state import AdapterState
 
@@ -153,7 +153,7 @@ def test_exporting_says_the_memory_is_not_exported(exported, random_model, tmp_p
     session, _ = exported
     tokens = session.memory_tokens
     assert tokens == session.tokens > 0
-    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+    with caplog.at_level(logging.WARNING, logger="genadapter.adapters.export"):
         path = export_session(session, tmp_path / "peft")
     notes = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
     assert len(notes) == 1 and f"memory ({tokens} tokens" in notes[0], notes
@@ -165,7 +165,7 @@ def test_exporting_says_the_memory_is_not_exported(exported, random_model, tmp_p
         == session_lora(random_model, session.state).weights.keys()
     )
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+    with caplog.at_level(logging.WARNING, logger="genadapter.adapters.export"):
         export_session(random_model.session(), tmp_path / "empty")  # an empty memory: no note
     assert not [r for r in caplog.records if "memory" in r.getMessage()]
     assert "memory_tokens_not_exported" not in json.loads(
