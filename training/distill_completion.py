@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_cache import final_hidden, start, write_shards  # noqa: E402
 
-from genadapter import corpora  # noqa: E402
+from genadapter.eval import corpora  # noqa: E402
 
 
 def train_documents(tokenizer, need: int, seed: int):
