@@ -100,9 +100,14 @@ def test_the_graph_sees_lazy_and_relative_imports():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
+def in_cli(name: str) -> bool:
+    return name == "genadapter.cli" or name.startswith("genadapter.cli.")
+
+
 def test_nothing_imports_the_command_line():
     graph = import_graph()
-    assert [name for name, targets in graph.items() if "genadapter.cli" in targets] == []
+    outside = [n for n, targets in graph.items() if not in_cli(n) and any(map(in_cli, targets))]
+    assert outside == []
     # The shared options sit below every command and import no command module.
     assert graph["genadapter.options"] <= {"genadapter"}
 

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from . import __version__
-from .options import (
+from .. import __version__
+from ..options import (
     UsageError,
     add_model_args,
     existing_file,
@@ -41,14 +41,14 @@ class _EvalFormatter(_Formatter):
     def _expand_help(self, action: argparse.Action) -> str:
         text = super()._expand_help(action)
         if SUITES_PLACEHOLDER in text:
-            from .eval.limits import SUITES
+            from ..eval.limits import SUITES
 
             text = text.replace(SUITES_PLACEHOLDER, ", ".join(SUITES))
         return text
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import absorb_file, interact
+    from ..chat import absorb_file, interact
 
     for doc in args.doc:
         existing_file(doc, "--doc")
@@ -61,7 +61,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_absorb(args: argparse.Namespace) -> int:
-    from .chat import absorb_file
+    from ..chat import absorb_file
 
     for doc in args.files:
         existing_file(doc)
@@ -85,8 +85,8 @@ def absorb_on_ray(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("ray") is None:
         raise UsageError("--ray needs the ray package: pip install 'genadapter[ray]'")
-    from .distributed import RayAbsorber
-    from .session import Session
+    from ..distributed import RayAbsorber
+    from ..session import Session
 
     kwargs = model_kwargs(args)
     gpus = 1 if (args.device or "").startswith("cuda") else 0
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .eval.limits import SUITES, resolve_limits
+    from ..eval.limits import SUITES, resolve_limits
 
     asked = args.suite or ["all"]
     for suite in asked:
@@ -119,8 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limits = resolve_limits(args.limit)
     except ValueError as e:
         raise UsageError(f"--limit {args.limit}: {e}") from None
-    from .eval.report import format_table, write_charts, write_json  # torch: after the checks
-    from .eval.runner import run_suites
+    from ..eval.report import format_table, write_charts, write_json  # torch: after the checks
+    from ..eval.runner import run_suites
 
     model = load_model(args)
     start = time.perf_counter()
@@ -136,8 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .adapters.export import export_session, memory_note
-    from .session import _state_path
+    from ..adapters.export import export_session, memory_note
+    from ..session import _state_path
 
     if not args.peft and not args.merged:
         raise UsageError("give --peft OUT, --merged OUT, or both")
@@ -157,9 +157,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .adapters.export import CONFIG_FILE
-    from .adapters.merging import merge, merge_session_files
-    from .session import _state_path
+    from ..adapters.export import CONFIG_FILE
+    from ..adapters.merging import merge, merge_session_files
+    from ..session import _state_path
 
     loras = [(Path(p) / CONFIG_FILE).is_file() for p in args.inputs]
     if any(loras) and not all(loras):
@@ -183,8 +183,8 @@ def cmd_library(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .library.entry import NoEntryError
-    from .library.folder import Library
+    from ..library.entry import NoEntryError
+    from ..library.folder import Library
 
     if args.action == "add":
         for doc in args.files:
@@ -217,16 +217,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .bench.run import format_report, run_bench
-    from .state import atomic_write
+    from ..bench.run import format_report, run_bench
+    from ..state import atomic_write
 
     if args.library and args.memory:
         raise UsageError("--library and --memory each run one part alone: give one of them")
     model = load_model(args, dtype=args.dtype)
     size = "quick" if args.quick else "default"
     if args.library or args.memory:  # part 5 (an adapter library) or 6 (context memory) alone
-        from .bench import library, memory
-        from .bench.run import SIZES
+        from ..bench import library, memory
+        from ..bench.run import SIZES
 
         part = library if args.library else memory
         results = part.run(model, SIZES[size])
@@ -241,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_chat(sub) -> None:
-    from .chat import COMMANDS
+    from ..chat import COMMANDS
 
     chat = sub.add_parser(
         "chat",
@@ -480,7 +480,7 @@ def _add_library(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; building it imports no model code."""
-    from .server import add_serve_parser
+    from ..server import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="genadapter", description=DESCRIPTION, formatter_class=_Formatter
@@ -511,7 +511,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
