@@ -16,6 +16,7 @@ import genadapter
 from genadapter import cli
 from genadapter.adapters.export import LoraAdapter, export_session, session_lora
 from genadapter.adapters.merging import METHODS
+from genadapter.cli.adapters import MERGE_METHODS
 from genadapter.memory import ContextMemory
 from genadapter.session import Session
 from genadapter.state import AdapterState
@@ -252,7 +253,7 @@ def test_merge_refuses_bad_input():
     lora = LoraAdapter({"l": (torch.ones(1, 2), torch.ones(2, 1))})
     with pytest.raises(ValueError, match="mix"):
         genadapter.merge([*_states(), lora])
-    assert cli.MERGE_METHODS == METHODS
+    assert MERGE_METHODS == METHODS
 
 
 def test_cli_merge_of_sessions_and_of_peft_folders(random_model, exported, tmp_path):
