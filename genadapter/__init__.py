@@ -1,5 +1,14 @@
 """genadapter: absorb context into a frozen language model's parameters (GenerativeAdapter).
 
+The core is the top-level modules, in the order data flows through them: text.py (text to token
+chunks), base.py and quantize.py (the frozen base), model.py (the base with the generator
+injected: the context pass), generator.py, state.py and polar.py (the adapter sums and their
+normalization; head.py the LM-head adapter), memory.py (the context memory, from the same pass),
+layers.py and kernels.py (the adapted layers), memory_read.py (what a turn reads of the memory),
+session.py (a session) and generation.py (decoding). Around it: library/ (the adapter library),
+adapters/ (PEFT export and merging), distributed.py (absorbing on Ray), eval/, bench/, server/,
+and the command line (cli/, with options.py and chat.py).
+
 The public names below are imported on first use, so importing `genadapter` (or its command
 line, for `genadapter --help`) does not pay for torch and transformers until a model is needed."""
 
