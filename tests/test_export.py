@@ -294,16 +294,16 @@ def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path,
 
 
 def test_readme_peft_snippet_runs_as_written(exported, tmp_path, monkeypatch, capsys):
-    """README's transformers + PEFT block (fenced `py`, so test_readme leaves it to this test),
+    """docs/EXPORT.md's transformers + PEFT block (fenced `py`: test_readme leaves it to this test),
     on this module's exported adapter placed where the snippet looks for it."""
     import re
     import shutil
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M) if "Peft" in b]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md").read_text(encoding="utf-8")
+    (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", page, re.S | re.M) if "Peft" in b]
     _, out = exported
     shutil.copytree(out / "peft", tmp_path / "results" / "adapters" / "lighthouse")
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "docs/EXPORT.md", "exec"), {})
     assert capsys.readouterr().out.strip()

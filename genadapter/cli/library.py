@@ -48,7 +48,7 @@ def add_library(sub) -> None:
         "library",
         help="manage an adapter library: documents routed per token (add, list, rm, search)",
         description="A library folder holds documents absorbed with one base and generator; "
-        "decoding routes each token to its best-matching documents (README: Adapter library).",
+        "decoding routes each token to its best-matching documents (docs/LIBRARY.md).",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = actions.add_parser(
