@@ -62,11 +62,11 @@ HEAD_RUN := training/runs/head
 train-head: setup
 	dpkg -s $(CORPORA_PACKAGES) >/dev/null 2>&1 || \
 		(apt-get update -q && apt-get install -y -q $(CORPORA_PACKAGES))
-	$(PY) training/distill_cache.py --source evalstyle --count 120 --shard 40 --seed 7 \
+	$(PY) training/probes/distill_cache.py --source evalstyle --count 120 --shard 40 --seed 7 \
 		--out $(CACHE)/evalstyle
-	$(PY) training/distill_cache.py --source mixed --count 600 --shard 50 --seed 0 \
+	$(PY) training/probes/distill_cache.py --source mixed --count 600 --shard 50 --seed 0 \
 		--out $(CACHE)/mixed
-	$(PY) training/distill_completion.py --count 150 --out $(CACHE)/completion
-	$(PY) training/train_head.py --train $(CACHE)/mixed $(CACHE)/completion --limit 600 \
+	$(PY) training/probes/distill_completion.py --count 150 --out $(CACHE)/completion
+	$(PY) training/probes/train_head.py --train $(CACHE)/mixed $(CACHE)/completion --limit 600 \
 		--held-out $(CACHE)/evalstyle --epochs 6 --batch 8 --lr 2e-3 --tail 4 --init copy \
 		--weight surprisal --eval-every 100 --out $(HEAD_RUN).jsonl --save $(HEAD_RUN)

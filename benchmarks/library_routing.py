@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 import genadapter
-from genadapter import library as library_module
 from genadapter.eval.completion import completion_documents
-from genadapter.gates import train_gates
 from genadapter.layers import bound
-from genadapter.library import MANIFEST, Library
-from genadapter.routing import Routes, standardize
+from genadapter.library import search as library_search
+from genadapter.library.folder import MANIFEST, Library
+from genadapter.library.gates import train_gates
+from genadapter.library.routing import Routes, standardize
 
 
 def subset(lib: Library, names: list[str], path: Path) -> Library:
@@ -98,7 +98,7 @@ def main() -> None:
     if added:
         print(f"added {added} documents: {(time.perf_counter() - start) / added:.2f} s each")
     tok = model.tokenizer
-    default_centred = library_module.INTERNAL_CENTRED
+    default_centred = library_search.INTERNAL_CENTRED
     results: dict = {"generator": args.generator, "context": args.context, "target": args.target}
     for n in sorted(set(args.sizes + args.search_sizes)):
         sub = subset(lib, names[:n], work / f"n{n}")
@@ -107,7 +107,7 @@ def main() -> None:
             for kind in args.kinds:
                 hits1 = hits5 = 0
                 start = time.perf_counter()
-                library_module.INTERNAL_CENTRED = {
+                library_search.INTERNAL_CENTRED = {
                     "internal-centred": True,
                     "internal-raw": False,
                 }.get(kind, default_centred)

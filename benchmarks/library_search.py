@@ -24,7 +24,7 @@ import torch
 
 import genadapter
 from genadapter.eval.library_suite import library_documents, retrieval
-from genadapter.library import Library
+from genadapter.library.folder import Library
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Perplexity cost of quantizing the frozen base: held-out text scored by the default base in
 float32, bfloat16, nf4 and int8 (no session, so this measures the base alone).
 
-Documents are the first test-split documents of a few corpora (genadapter.corpora), each cut to
+Documents are the first test-split documents of a few corpora (genadapter.eval.corpora), each cut to
 its first --tokens tokens; every mode scores exactly the same strings with `model.score`. The
 perplexity is exp of the token-weighted mean negative log-likelihood. Prints a Markdown table and
 writes JSON when --json is given.
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import genadapter
-from genadapter import corpora
+from genadapter.eval import corpora
 from genadapter.quantize import QUANTIZE_MODES
 
 MODES = {  # name -> load() arguments

@@ -1,5 +1,14 @@
 """genadapter: absorb context into a frozen language model's parameters (GenerativeAdapter).
 
+The core is the top-level modules, in the order data flows through them: text.py (text to token
+chunks), base.py and quantize.py (the frozen base), model.py (the base with the generator
+injected: the context pass), generator.py, state.py and polar.py (the adapter sums and their
+normalization; head.py the LM-head adapter), memory.py (the context memory, from the same pass),
+layers.py and kernels.py (the adapted layers), memory_read.py (what a turn reads of the memory),
+session.py (a session) and generation.py (decoding). Around it: library/ (the adapter library),
+adapters/ (PEFT export and merging), distributed.py (absorbing on Ray), eval/, bench/, server/,
+and the command line (cli/, with options.py and chat.py).
+
 The public names below are imported on first use, so importing `genadapter` (or its command
 line, for `genadapter --help`) does not pay for torch and transformers until a model is needed."""
 
@@ -21,11 +30,11 @@ _EXPORTS = {
     "GeneratorConfig": "generator",
     "GeneratorFormatError": "generator",
     "IncompatibleStateError": "state",
-    "LoraAdapter": "export",
+    "LoraAdapter": "adapters.export",
     "Session": "session",
     "load": "model",
-    "merge": "merging",
-    "merge_sessions": "merging",
+    "merge": "adapters.merging",
+    "merge_sessions": "adapters.merging",
     "normalize_svd": "state",
 }
 
@@ -48,9 +57,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what the lazy imports below resolve to, for type checkers and readers
-    from .export import LoraAdapter
+    from .adapters.export import LoraAdapter
+    from .adapters.merging import merge, merge_sessions
     from .generator import Generator, GeneratorConfig, GeneratorFormatError
-    from .merging import merge, merge_sessions
     from .model import AbsorbStats, AdaptedModel, load
     from .session import Session
     from .state import AdapterState, CorruptStateError, IncompatibleStateError, normalize_svd

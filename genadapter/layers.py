@@ -14,7 +14,7 @@ from torch import nn
 from . import kernels
 from .generator import Generator, LayerAdapter, find_targets
 from .head import HEAD_NAME
-from .routing import Routes, input_sum, mixed_down
+from .library.routing import Routes, input_sum, mixed_down
 
 
 @dataclass
@@ -32,12 +32,12 @@ class Binding:
                 batched_linear (A and B shared, one batched matmul over the rows' S_hat).
     Without either, or with gradients enabled, the delta is the generator's own code.
     routes:     layer name -> Routes: each token mixes its top-k documents of a library
-                (routing.py, routed_linear); takes precedence over s_hat.
+                (library/routing.py, routed_linear); takes precedence over s_hat.
     input_sums: when not None during a capture, each layer adds the sum of its inputs over the
-                real tokens (d_in,) here: a library document's gates (library.py).
+                real tokens (d_in,) here: a library document's gates (library/folder.py).
     on_hidden:  when not None during a capture, called with each batch's token ids (b, t), its
                 token mask (b, t) and the base's last hidden states (b, t, d) (model.py): a
-                library document's lexical embedding (embedding.LexicalBag).
+                library document's lexical embedding (library.embedding.LexicalBag).
     block_inputs: during a capture with a generator whose keys and values come from the residual
                 stream (GeneratorConfig.kv_source), decoder block index -> the hidden states
                 (b, t, d) entering that block, set by inject's hooks.

@@ -14,8 +14,8 @@ chunk's tokens and values with one float16 scale per token and head (KIVI's spli
 2402.02750): 0.508 of a bfloat16 KV cache's bytes. "float" keeps the base's own dtype (exact).
 
 Each chunk also keeps a sparse lexical bag (token id -> the largest surprisal the base gave it
-in the chunk, embedding.py's "lexical" kind) made in the same pass: the search that picks which
-chunks a turn reads (select)."""
+in the chunk, library/embedding.py's "lexical" kind) made in the same pass: the search that picks
+which chunks a turn reads (select)."""
 
 from __future__ import annotations
 

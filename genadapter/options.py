@@ -1,5 +1,6 @@
 """The command-line options every front end shares (`chat`, `absorb`, `serve`, `eval`, `bench`):
-which base, generator and device to load, checked before the slow model load.
+which base, generator and device to load, checked before the slow model load; also the help
+formatter and the UsageError the commands (genadapter/cli/) share.
 
 This module sits below every command module and imports nothing heavy at import time (no torch),
 so `genadapter --help` stays fast; torch is imported only to check `--device` and to load."""
@@ -17,6 +18,10 @@ _PYTHON_ADVICE, _CLI_ADVICE = "generator=PATH", "--generator PATH"
 
 class UsageError(Exception):
     """A bad command line (a missing file, an unusable device): reported in one line, exit 2."""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (the chat commands' table)."""
 
 
 def positive_int(text: str) -> int:

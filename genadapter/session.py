@@ -107,7 +107,7 @@ class Session:
         m = self.model
         q = None
         if query is not None and query.strip():
-            from .embedding import lexical  # the question's reading by the base alone
+            from .library.embedding import lexical  # the question's reading by the base alone
 
             q = lexical(m, [query])
         memory = self._turn_memory(q, budget)
@@ -231,10 +231,11 @@ class Session:
         base, or vLLM's LoRA serving); with `merged=True`, a full transformers model folder with
         the delta added to the base's float weights. Returns the folder.
 
-        Raises export.ExportError for a generator with an LM-head adapter; warns when the base
-        runs quantized (the LoRA then applies to its float weights) and when the session's memory
-        is not empty (a memory is no LoRA: only the adapter is exported). See export.py."""
-        from .export import export_session
+        Raises adapters.export.ExportError for a generator with an LM-head adapter; warns when the
+        base runs quantized (the LoRA then applies to its float weights) and when the session's
+        memory is not empty (a memory is no LoRA: only the adapter is exported). See
+        adapters/export.py."""
+        from .adapters.export import export_session
 
         return export_session(self, folder, merged)
 

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import genadapter
-from genadapter import corpora
 from genadapter.base import Base, _converted_default_dir, default_gguf_path, load_base
+from genadapter.eval import corpora
 from genadapter.generator import Generator, GeneratorConfig
 from genadapter.model import AdaptedModel
 
@@ -29,7 +29,7 @@ _corpus_root: Path | None = None
 
 
 def pytest_configure(config):
-    """Before collection: build the fixture corpora and point genadapter.corpora at them."""
+    """Before collection: build the fixture corpora and point genadapter.eval.corpora at them."""
     global _corpus_root
     _corpus_root = corpus_fixture.build(Path(tempfile.mkdtemp(prefix="genadapter-corpora-")))
     os.environ[corpora.ROOT_ENV] = str(_corpus_root)

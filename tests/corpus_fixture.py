@@ -1,5 +1,6 @@
 """A small stand-in for the Debian corpora (see tests/data/corpora/README.md): `build(root)` lays
-out, under `root`, the files genadapter.corpora and the evaluation harness read, at Debian's paths.
+out, under `root`, the files genadapter.eval.corpora and the evaluation harness read, at Debian's
+paths.
 
 The prose documents are committed under tests/data/corpora/. The dictionaries (dictd's index +
 gzip format) and WordNet's files are generated here from templates and word lists written for the
@@ -13,7 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
-from genadapter import corpora
+from genadapter.eval import corpora
 
 DATA = Path(__file__).parent / "data" / "corpora"
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from genadapter import load
-from genadapter.bench import SIZES, bench_prompting, kv_bytes, timed_greedy
-from genadapter.bench_memory import bench_memory, format_memory
+from genadapter.bench.kit import kv_bytes, timed_greedy
+from genadapter.bench.memory import bench_memory, format_memory
+from genadapter.bench.run import SIZES, bench_prompting
 from genadapter.eval.prompts import chat_ids, chat_message
 from genadapter.generation import SamplingParams, generate_ids
 

@@ -30,7 +30,7 @@ def test_absorbed_text_lowers_perplexity_of_its_continuation(trained):
     # tests/corpus_fixture.py, laid out like the real one the generator was trained on): absorb 512
     # tokens, score the next 256 with and without the session. On narrative prose of another
     # domain the generator does not help yet (docs/TRAINING.md).
-    from genadapter import corpora
+    from genadapter.eval import corpora
 
     tok = trained.tokenizer
     docs = [tok.encode(t, add_special_tokens=False) for _, t in corpora.documents("foldoc", "test")]

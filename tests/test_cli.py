@@ -137,7 +137,7 @@ def test_describe_reports_the_state_and_the_memory_apart(tmp_path):
 
 def test_library_commands_add_list_and_remove(tmp_path, capsys):
     from genadapter import cli
-    from genadapter.library import Library
+    from genadapter.library.folder import Library
 
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)

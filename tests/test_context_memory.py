@@ -156,7 +156,7 @@ def test_selection_reads_the_questions_document_and_nothing_for_unrelated_ones(m
     s.absorb(OTHER)
     s.absorb(DOCUMENT)
     s.absorb("Lemon tart needs butter, sugar, eggs and the zest of four lemons.")
-    from genadapter.embedding import lexical
+    from genadapter.library.embedding import lexical
 
     picked = s.memory.select(lexical(model, [QUESTION]), budget=4096)
     assert picked and {s.memory.chunks[i].document for i in picked} == {1}

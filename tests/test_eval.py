@@ -2,7 +2,7 @@
 differ only in the context, every suite on a tiny limit through the runner, and the real CLI.
 
 Corpus documents and WordNet come from the fixture tree of tests/corpus_fixture.py (conftest.py
-points genadapter.corpora at it), so these tests run the same on a machine without the Debian
+points genadapter.eval.corpora at it), so these tests run the same on a machine without the Debian
 packages."""
 
 import json
@@ -15,13 +15,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from genadapter import corpora
 from genadapter.base import load_base
-from genadapter.corpora import split_of
-from genadapter.eval import SUITES, is_eval_document, run_suites
+from genadapter.eval import SUITES, corpora, is_eval_document, run_suites
 from genadapter.eval import metrics as m
 from genadapter.eval.closedbook import closedbook_examples
 from genadapter.eval.completion import completion_documents
+from genadapter.eval.corpora import split_of
 from genadapter.eval.demonstrations import icl_examples
 from genadapter.eval.fictional import long_example, qa_examples
 from genadapter.eval.library_suite import CONDITIONS
@@ -292,7 +291,7 @@ def test_library_suite_rows_hold_every_condition(tiny_results):
                     assert record[c] == record["base"], c
             assert record["memory+adapter"] == record["memory"]
         assert set(row["retrieval"]) == {"lexical", "internal", "behaviour"}
-        assert row["decode"] is None  # not timed at tiny (bench_library is tested in test_bench)
+        assert row["decode"] is None  # not timed at tiny (bench/library.py is tested in test_bench)
     # the entry's memory is its document's text: it changes the continuation's likelihood
     (record,) = corpus["records"]
     assert record["memory"]["perplexity"] != record["base"]["perplexity"]

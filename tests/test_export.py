@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import genadapter
 from genadapter import cli
-from genadapter.export import LoraAdapter, export_session, session_lora
+from genadapter.adapters.export import LoraAdapter, export_session, session_lora
+from genadapter.adapters.merging import METHODS
+from genadapter.cli.adapters import MERGE_METHODS
 from genadapter.memory import ContextMemory
-from genadapter.merging import METHODS
 from genadapter.session import Session
 from genadapter.state import AdapterState
 
@@ -153,7 +154,7 @@ def test_exporting_says_the_memory_is_not_exported(exported, random_model, tmp_p
     session, _ = exported
     tokens = session.memory_tokens
     assert tokens == session.tokens > 0
-    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+    with caplog.at_level(logging.WARNING, logger="genadapter.adapters.export"):
         path = export_session(session, tmp_path / "peft")
     notes = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
     assert len(notes) == 1 and f"memory ({tokens} tokens" in notes[0], notes
@@ -165,7 +166,7 @@ def test_exporting_says_the_memory_is_not_exported(exported, random_model, tmp_p
         == session_lora(random_model, session.state).weights.keys()
     )
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="genadapter.export"):
+    with caplog.at_level(logging.WARNING, logger="genadapter.adapters.export"):
         export_session(random_model.session(), tmp_path / "empty")  # an empty memory: no note
     assert not [r for r in caplog.records if "memory" in r.getMessage()]
     assert "memory_tokens_not_exported" not in json.loads(
@@ -252,7 +253,7 @@ def test_merge_refuses_bad_input():
     lora = LoraAdapter({"l": (torch.ones(1, 2), torch.ones(2, 1))})
     with pytest.raises(ValueError, match="mix"):
         genadapter.merge([*_states(), lora])
-    assert cli.MERGE_METHODS == METHODS
+    assert MERGE_METHODS == METHODS
 
 
 def test_cli_merge_of_sessions_and_of_peft_folders(random_model, exported, tmp_path):
@@ -293,16 +294,16 @@ def test_cli_export_writes_what_to_peft_writes(random_model, exported, tmp_path,
 
 
 def test_readme_peft_snippet_runs_as_written(exported, tmp_path, monkeypatch, capsys):
-    """README's transformers + PEFT block (fenced `py`, so test_readme leaves it to this test),
+    """docs/EXPORT.md's transformers + PEFT block (fenced `py`: test_readme leaves it to this test),
     on this module's exported adapter placed where the snippet looks for it."""
     import re
     import shutil
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M) if "Peft" in b]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md").read_text(encoding="utf-8")
+    (snippet,) = [b for b in re.findall(r"^```py\n(.*?)^```", page, re.S | re.M) if "Peft" in b]
     _, out = exported
     shutil.copytree(out / "peft", tmp_path / "results" / "adapters" / "lighthouse")
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "docs/EXPORT.md", "exec"), {})
     assert capsys.readouterr().out.strip()

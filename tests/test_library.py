@@ -1,5 +1,5 @@
-"""The adapter library (genadapter/library.py) and per-token routing (routing.py), on the default
-base with a random generator (nonzero B, so every state changes the logits)."""
+"""The adapter library (genadapter/library/) and per-token routing (library/routing.py), on the
+default base with a random generator (nonzero B, so every state changes the logits)."""
 
 import json
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from genadapter.layers import routed_linear
-from genadapter.library import MANIFEST, Library, MissingEmbeddingError
-from genadapter.routing import Routes, mixed_down, route, standardize
+from genadapter.library.entry import MissingEmbeddingError
+from genadapter.library.folder import MANIFEST, Library
+from genadapter.library.routing import Routes, mixed_down, route, standardize
 from genadapter.session import Session
 from genadapter.state import AdapterState, CorruptStateError, IncompatibleStateError
 
@@ -249,7 +250,7 @@ def test_corrupt_and_foreign_entries_fail_clearly(random_model, built, tmp_path)
 
 
 def test_behaviour_embeddings_are_each_documents_own(random_model, built, tmp_path):
-    from genadapter import embedding
+    from genadapter.library import embedding
 
     dim = len(embedding.PROBES) * embedding.PROJECTION_DIM
     names, docs = built.embeddings(kind="behaviour")
@@ -277,7 +278,7 @@ def test_behaviour_embeddings_are_each_documents_own(random_model, built, tmp_pa
 
 
 def test_an_entry_absorbed_in_steps_equals_one_added_whole(random_model, built, tmp_path):
-    from genadapter.library import EntryDraft
+    from genadapter.library.entry import EntryDraft
     from genadapter.text import chunked, token_stream
 
     lib = Library.create(tmp_path / "steps", random_model)
@@ -345,7 +346,7 @@ def test_lexical_embeddings_find_the_document_a_question_is_about(
     old = Library.open(alone.path, random_model)
     with pytest.raises(MissingEmbeddingError, match="add it again"):
         old.search("bees", kind="lexical")
-    with caplog.at_level("WARNING", logger="genadapter.library"):
+    with caplog.at_level("WARNING", logger="genadapter.library.search"):
         assert old.search("bees") == old.search("bees", kind="internal")
     assert "searching" in caplog.text and "with kind 'internal'" in caplog.text
     for bad in ("  ", None, b"bees"):  # refused before any entry is read, whatever the kind

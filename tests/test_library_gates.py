@@ -1,9 +1,9 @@
-"""Gates for routing (genadapter/gates.py): the fixed background of centred gates and
+"""Gates for routing (genadapter/library/gates.py): the fixed background of centred gates and
 PHATGOOSE's trained sigmoid gates, on the default base with a random generator."""
 
 import torch
 
-from genadapter import gates
+from genadapter.library import gates
 
 from .conftest import DOCUMENT
 

@@ -1,6 +1,6 @@
 """The `library` eval suite (eval/library_suite.py): true invariants only, on tiny sizes. The
 suite itself runs at the tiny limit with every other suite in test_eval.py (tiny_results), which
-checks its rows there; the routing decode benchmark (bench_library.py) runs as part 5 of
+checks its rows there; the routing decode benchmark (bench/library.py) runs as part 5 of
 test_bench's quick `genadapter bench`."""
 
 from genadapter.eval.library_suite import (
@@ -10,7 +10,7 @@ from genadapter.eval.library_suite import (
     first_sentences,
     library_documents,
 )
-from genadapter.library import Library
+from genadapter.library.folder import Library
 
 
 def test_first_sentences_ends_at_a_sentence_after_enough_words():

@@ -1,5 +1,5 @@
-"""training/read_probe.py: its held-out examples, and a short run that saves a loadable generator
-with this stage's provenance."""
+"""training/probes/read_probe.py: its held-out examples, and a short run that saves a loadable
+generator with this stage's provenance."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
+sys.path[:0] = [str(ROOT / "training" / "probes"), str(ROOT / "training")]
 import read_probe  # noqa: E402
 
 from genadapter.eval.fictional import qa_examples  # noqa: E402

@@ -1,7 +1,9 @@
-"""Every code block of README.md, as written: the Python tour and `make demo` run; the server's
-curl and openai snippets run against a real `genadapter serve` (on a free port instead of 8000);
-`genadapter` command lines that take minutes (eval, bench) are parsed by the real parser and the
-paths they name must exist; `make` lines must name real targets (`make -n`).
+"""Every code block of README.md and of the usage pages it links to (docs/API.md, CLI.md,
+EXPORT.md, SERVER.md, and LIBRARY.md's usage section), as written: the Python examples and
+`make demo` run; the server's curl and openai snippets run against a real `genadapter serve` (on
+a free port instead of 8000); `genadapter` command lines that take minutes (eval, bench) are
+parsed by the real parser and the paths they name must exist; `make` lines must name real
+targets (`make -n`).
 
 A block with a command that none of these covers fails `test_every_block_is_covered`: add a check
 when adding a snippet."""
@@ -24,7 +26,13 @@ import pytest
 from genadapter.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = ["README.md", *(f"docs/{p}.md" for p in ("API", "CLI", "EXPORT", "SERVER"))]
+_LIBRARY = (ROOT / "docs" / "LIBRARY.md").read_text(encoding="utf-8")
+# LIBRARY.md's usage section; the rest of it is the method and its measurements' commands.
+README = "\n".join(
+    [*((ROOT / page).read_text(encoding="utf-8") for page in PAGES),
+     _LIBRARY[_LIBRARY.index("\n## Usage\n") : _LIBRARY.index("\n## Method\n")]]
+)  # fmt: skip
 VENV = Path(sys.prefix)
 # The venv's `genadapter` script first on PATH, as after `make setup` and activating the venv.
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -67,8 +75,13 @@ def run_python(code: str, cwd: Path, timeout: int = 900) -> subprocess.Completed
 # -- what a new user runs first --------------------------------------------------------------------
 
 
-def test_python_tour_runs_as_written(workdir):
-    tour = block_with("python", "genadapter.load()")
+def tours() -> list[str]:
+    return [b for b in blocks("python") if "genadapter.load()" in b]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["readme", "api"])
+def test_python_tour_runs_as_written(workdir, index):
+    tour = tours()[index]
     out = run_python(tour, workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (workdir / "results" / "lighthouse" / "state.safetensors").is_file()
@@ -139,8 +152,8 @@ def test_make_lines_name_real_targets():
 def test_every_block_is_covered():
     """Each python and sh block is one that a test above runs or checks."""
     python = blocks("python")
-    assert len(python) == 2 and any("genadapter.load()" in b for b in python)
-    assert any("from openai import OpenAI" in b for b in python)
+    assert len(tours()) == 2  # the README's example, then docs/API.md's tour
+    assert len(python) == 3 and sum("from openai import OpenAI" in b for b in python) == 1
     for block in blocks("sh"):
         if is_server_block(block):
             continue  # run by the server tests below

@@ -1,6 +1,6 @@
-"""The server's adapter-library endpoints (genadapter/server/libraries.py) and chats routed over a
-library (routed.py), on the default base with a random generator, as tests/test_server.py. Tiny
-documents and short answers: these tests must stay fast."""
+"""The server's adapter-library endpoints (genadapter/server/libraries.py, library_store.py) and
+chats routed over a library (routed.py), on the default base with a random generator, as
+tests/test_server.py. Tiny documents and short answers: these tests must stay fast."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genadapter.generation import SamplingParams
-from genadapter.library import Library
+from genadapter.library.folder import Library
 from genadapter.server.worker import ModelWorker
 from genadapter.session import Session
 

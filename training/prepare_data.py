@@ -4,8 +4,8 @@
 
 Writes, per split (train, dev): {split}.tokens.npy (uint16 token ids of all documents back to
 back), {split}.offsets.npy (int64 start of each document, plus the end), {split}.ids.json (the
-document ids, in order). The test split (genadapter.corpora.split_of == "test") is never written:
-it belongs to evaluation.
+document ids, in order). The test split (genadapter.eval.corpora.split_of == "test") is never
+written: it belongs to evaluation.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from genadapter import corpora
 from genadapter.base import _converted_default_dir, default_gguf_path
+from genadapter.eval import corpora
 
 log = logging.getLogger("prepare_data")
 

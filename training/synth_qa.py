@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from genadapter import corpora
+from genadapter.eval import corpora
 
 # Names are random syllables from a large space, so no answer can be guessed from what training
 # saw before: the only way to lower the loss is to read the absorbed document. (A first version
@@ -44,7 +44,7 @@ CATEGORIES = {"act": 4, "animal": 5, "artifact": 6, "cognition": 9, "food": 13, 
 
 
 def wordnet_nouns() -> Path:
-    """WordNet's noun synsets (Debian's wordnet package), under genadapter.corpora's root."""
+    """WordNet's noun synsets (Debian's wordnet package), under genadapter.eval.corpora's root."""
     return corpora.path(corpora.WORDNET / "data.noun")
 
 

@@ -1,7 +1,7 @@
 """The completion suite (suite_completion, run by runner.run_suites): held-out real documents,
 absorb all but the last K tokens of a document and score the last K. Documents come from the
-installed Debian corpora (genadapter.corpora), only from an evaluation split, so training never
-sees them (see data.is_eval_document)."""
+installed Debian corpora (corpora.py), only from an evaluation split, so training never sees them
+(see data.is_eval_document)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .. import corpora
 from ..generation import prefill
 from ..session import Session
-from . import metrics
+from . import corpora, metrics
 from .limits import Limits
 
 log = logging.getLogger(__name__)

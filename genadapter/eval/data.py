@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..corpora import split_of
+from .corpora import split_of
 
 
 @dataclass
@@ -30,6 +30,6 @@ class Example:
 
 def is_eval_document(doc_id: str) -> bool:
     """True for corpus documents that evaluation may use (the 'dev' and 'test' splits of
-    genadapter.corpora.split_of); training must skip them. The rule hashes the document id, so it
-    needs no manifest and never changes."""
+    genadapter.eval.corpora.split_of); training must skip them. The rule hashes the document id, so
+    it needs no manifest and never changes."""
     return split_of(doc_id) != "train"

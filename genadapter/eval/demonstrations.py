@@ -10,7 +10,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .. import corpora
+from . import corpora
 from .data import Example, Question
 from .fictional import NameMaker
 
@@ -22,7 +22,7 @@ TASKS = ("antonym", "part-of-speech", "irregular-verb", "name-kind")
 
 
 def _wordnet(name: str) -> Path:
-    """One of WordNet's files (Debian's `wordnet` package), under genadapter.corpora's root."""
+    """One of WordNet's files (Debian's `wordnet` package), under genadapter.eval.corpora's root."""
     return corpora.path(corpora.WORDNET / name)
 
 

@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from .. import corpora
+from . import corpora
 
 RARE_ZIPF = 2.5  # wordfreq.zipf_frequency(term, "en") below this counts as rare
 KEYWORD_ZIPF = 5.5  # key words must be less common than this (not "used", "which", ...)

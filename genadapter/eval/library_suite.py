@@ -9,12 +9,12 @@
 * routed k=K  the library's routed session (Library.session(K, memory=False): the states
               alone, no entry's memory): each token, at each adapted layer, mixes its top-K
               documents by the closed-form gates (PHATGOOSE, Muqeeth et al., arXiv 2402.05859;
-              routing.py).
+              library/routing.py).
 * memory      that document's own entry's context memory alone (the memory's oracle);
 * memory+adapter  that entry's state and memory (the session the entry stores);
 * library     (QA only) the library's chat as the server runs it: routed k=2 states, and the
               memories of the entries the library's lexical search finds for the question
-              (Library.session(2), library_memory.py). A continuation has no question to
+              (Library.session(2), library/memory.py). A continuation has no question to
               search with, so its row has no library column.
 
 Documents: corpus documents as the completion suite picks them (the split's documents of the
@@ -32,7 +32,7 @@ context that each condition recovers, (base - c) / (base - oracle) on perplexity
 accuracy@1 and @5 of Library.search over all N documents, the query being the first sentence(s)
 of the continuation (corpus) or the question (QA), for each embedding kind the library offers;
 "decode": milliseconds per decoded token routed (k = 2) against one document's state alone
-(bench_library.routed_against_single; None at the tiny limit)."""
+(bench/library.py's routed_against_single; None at the tiny limit)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..embedding import KINDS
-from ..library import Library
+from ..library.embedding import KINDS
+from ..library.folder import Library
 from ..session import Session
 from . import metrics
 from .completion import completion_documents, nll_sum, nll_sum_under
@@ -338,7 +338,7 @@ def _decode(model, library: Library, docs: list[LibraryDocument], limits: Limits
     """Per-token decode time routed (k = DECODE_K) against the first document's state alone,
     after the first corpus document's first 16 continuation tokens (or a QA question); None
     when the limit's new tokens are fewer than DECODE_MIN_TOKENS (tiny: not worth its cost)."""
-    from ..bench_library import routed_against_single
+    from ..bench.library import routed_against_single
 
     if limits.library_new_tokens < DECODE_MIN_TOKENS:
         return None

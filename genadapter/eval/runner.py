@@ -12,7 +12,7 @@ template and greedy decoding, under each method:
 * sft      (document QA only) a LoRA fine-tuned on the context for a few steps, then the question.
 
 `run_suites` is the Python entry (also used by training for periodic evaluation); `genadapter eval`
-(genadapter/cli.py) calls it."""
+(genadapter/cli/measure.py) calls it."""
 
 from __future__ import annotations
 

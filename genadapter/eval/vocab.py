@@ -11,9 +11,10 @@ Conditions:
 * adapter   one session per glossary, absorbing it (the runner's name for absorbed context);
 * sum       one state holding every glossary: genadapter.merge(sessions, "sum");
 * state M   the glossaries' states merged by method M (TIES, DARE; those of the LoRA methods run);
-* lora M    each glossary's session exported as a LoRA (export.py), the LoRAs merged by method M
-            (genadapter.merge), loaded by PEFT onto the plain transformers base, as a user of
-            another engine would. Methods: merging.py; weights 1 (mean: 1/n), density 0.5;
+* lora M    each glossary's session exported as a LoRA (adapters/export.py), the LoRAs merged by
+            method M (genadapter.merge), loaded by PEFT onto the plain transformers base, as a
+            user of another engine would. Methods: adapters/merging.py; weights 1 (mean: 1/n),
+            density 0.5;
 * memory    the glossary's session's context memory alone (memory.py); memory+adapter with its
             state (both when the model keeps memories)."""
 
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..export import ExportError, session_lora
-from ..merging import merge
+from ..adapters.export import ExportError, session_lora
+from ..adapters.merging import merge
 from ..session import Session
 from . import metrics
 from .completion import logits_under

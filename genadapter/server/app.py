@@ -34,7 +34,8 @@ from . import documents
 from .chat import Completion, GenerationFailed, stream_events, whole_text
 from .errors import ApiError, LimitBody, install_error_handlers
 from .grammar import GrammarError, Grammars
-from .libraries import DEFAULT_K, LibraryStore, library_router
+from .libraries import library_router
+from .library_store import DEFAULT_K, LibraryStore
 from .sessions import session_router
 from .store import SessionStore, UnknownSession
 from .uploads import Uploads

@@ -1,11 +1,11 @@
 """Chats routed over an adapter library (a chat request's `library`), run by the model thread.
 
 In a routed forward every adapted layer mixes, per token, the deltas of the library's top-k
-documents (routing.py): the binding's `routes`, which apply to the whole forward. The worker's
-batch instead gives each row its own state, so a routed chat cannot share its forwards. Each
-routed chat therefore runs as a one-row batch of its own, with its own KV cache: a prefill when it
-is admitted, then one decode step per worker turn, between the batch's steps. At most `limit` run
-at once (each costs a forward per turn); the others wait their turn.
+documents (library/routing.py): the binding's `routes`, which apply to the whole forward. The
+worker's batch instead gives each row its own state, so a routed chat cannot share its forwards.
+Each routed chat therefore runs as a one-row batch of its own, with its own KV cache: a prefill
+when it is admitted, then one decode step per worker turn, between the batch's steps. At most
+`limit` run at once (each costs a forward per turn); the others wait their turn.
 
 Isolation: a routed chat's prefill, decode step and sampling each fail that chat alone (its
 request gets the error), and the routes are bound only for its own forwards, so the batch and the

@@ -1,9 +1,9 @@
-"""`genadapter bench` part 5 (and `genadapter bench --library` alone): what decoding with an
-adapter library costs. Per-token latency of top-k routing over N stored states (PHATGOOSE-style,
-routing.py: every token of every adapted layer scores N gates and mixes its k best documents'
-folded deltas) against the same decoding loop with one bound state (the folded path of a session),
-measured side by side in one process, alternating, best of `repeats`. Issue 14 asks for at most
-1.3x at N = 128, k = 2.
+"""`genadapter bench` part 5 (and `genadapter bench --library` alone): what decoding with an adapter
+library costs. Per-token latency of top-k routing over N stored states (PHATGOOSE-style,
+library/routing.py: every token of every adapted layer scores N gates and mixes its k best
+documents' folded deltas) against the same decoding loop with one bound state (the folded path of a
+session), measured side by side in one process, alternating, best of `repeats`. Issue 14 asks for at
+most 1.3x at N = 128, k = 2.
 
 The N stored states are synthetic but made from the generator: a few real states (and their
 gates, the documents' mean layer inputs) absorbed from generated prose, repeated to N with small
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from .benchkit import bench_text, header, part_report, timed_greedy
-from .embedding import encode_with_means
-from .layers import bound
-from .model import AdaptedModel
-from .routing import Routes, standardize
-from .state import AdapterState
+from ..layers import bound
+from ..library.embedding import encode_with_means
+from ..library.routing import Routes, standardize
+from ..model import AdaptedModel
+from ..state import AdapterState
+from .kit import bench_text, header, part_report, timed_greedy
 
 # Real states the synthetic library is made from, and their perturbation (relative to each
 # tensor's standard deviation).
@@ -74,7 +74,7 @@ def synthetic_routes(
         gates = jittered([gate[name] for _, gate in real])
         downs = jittered([f[name] for f in folded])
         center = None
-        if centred:  # as "centred" gates (gates.py) do; the real gates' mean costs the same
+        if centred:  # as "centred" gates (library/gates.py) do; the real gates' mean costs the same
             center = torch.stack([gate[name] for _, gate in real]).mean(0).float()
             center = center.to(model.device)
             gates = gates - center
@@ -91,7 +91,7 @@ def routed_against_single(
     repeats: int = 2,
 ) -> dict:
     """Greedy decoding of `new_tokens` tokens after `ids` (end of sequence ignored), routed over
-    `routes` and with `state` bound, in the same loop (benchkit.timed_greedy), alternating; also
+    `routes` and with `state` bound, in the same loop (kit.timed_greedy), alternating; also
     with no state, for scale. Returns milliseconds per token after the first, best of `repeats`,
     and routed / one state. Raises ValueError when new_tokens < 2 (no token after the first)."""
     if new_tokens < 2:
@@ -155,7 +155,7 @@ def format_library(r: dict) -> list[str]:
 
 
 def bench_library_at(model: AdaptedModel, s) -> dict:
-    """bench_library at a bench.BenchSize `s`: its library_* fields, decode_tokens and repeats."""
+    """bench_library at a run.BenchSize `s`: its library_* fields, decode_tokens and repeats."""
     return bench_library(
         model,
         s.library_states,
@@ -167,7 +167,7 @@ def bench_library_at(model: AdaptedModel, s) -> dict:
 
 
 def run(model: AdaptedModel, s) -> dict:
-    """Part 5 alone (`genadapter bench --library`) at a bench.BenchSize `s`, with the same header
+    """Part 5 alone (`genadapter bench --library`) at a run.BenchSize `s`, with the same header
     fields as bench.run_bench; JSON-ready."""
     return {**header(model), "library": bench_library_at(model, s)}
 

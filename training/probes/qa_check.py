@@ -1,7 +1,7 @@
 """Greedy answers of a generator on the evaluation's QA and persona questions of the *dev* split
 (never the test split), adapter only: a quick transfer check between training runs.
 
-    python training/qa_check.py --generator training/runs/head --documents 6
+    python training/probes/qa_check.py --generator training/runs/head --documents 6
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Every document of a library is an expert: its state gives, per adapted layer, the folded
 down-projection D_i = alpha S_hat_i^T A (r2 x d_in; the up-projection B is the generator's, shared
 by all documents). Its gate g_i (d_in) is the mean of the inputs that layer saw while the document
-was absorbed (captured in the same context pass: Binding.input_sums, layers.py).
+was absorbed (captured in the same context pass: Binding.input_sums, genadapter/layers.py).
 
 At decode, for each token's layer input x, as PHATGOOSE does with its trained gates:
     s_i = <std(x - m), std(g_i - m)> / sqrt(d_in)     std: zero mean, unit variance over d_in
@@ -26,7 +26,7 @@ STD_EPS = 1e-6
 
 @dataclass
 class Routes:
-    """One adapted layer's library, ready for routed_linear (layers.py).
+    """One adapted layer's library, ready for routed_linear (genadapter/layers.py).
 
     gates: (N, d_in) float32, standardized (`standardize`) gate of each of the N documents.
     downs: (N, r2, d_in) float32, alpha S_hat_i^T A of each document (Generator.folded).

@@ -1,5 +1,5 @@
 """`genadapter bench` part 6 (and `genadapter bench --memory` alone): what the context memory
-(memory.py) costs, measured side by side in one process on one model (issue 23, item 5).
+(genadapter/memory.py) costs, measured side by side in one process on one model (issue 23, item 5).
 
 1. bytes per absorbed token: the same text absorbed into an int8 and a float memory, against a
    KV cache of its tokens in the base's dtype (model.kv_cache_bytes) and in bfloat16
@@ -26,13 +26,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .benchkit import Timing, bench_text, clock, crop, header, part_report, timed_greedy
-from .eval.prompts import chat_ids, chat_message
-from .generation import cache_kwargs, prefill
-from .memory import STORAGES, ContextMemory
-from .memory_read import Layout
-from .model import AdaptedModel
-from .session import Session
+from ..eval.prompts import chat_ids, chat_message
+from ..generation import cache_kwargs, prefill
+from ..memory import STORAGES, ContextMemory
+from ..memory_read import Layout
+from ..model import AdaptedModel
+from ..session import Session
+from .kit import Timing, bench_text, clock, crop, header, part_report, timed_greedy
 
 OTHER_QUESTION = "What did the expedition find?"  # ends the prefix a prompt's KV cache can reuse
 DECODE_LIMIT = 1.1  # issue 23: memory decode at most 1.1x prompting with a reused KV cache
@@ -43,7 +43,7 @@ BYTES_LIMIT = 0.52  # int8 memory at most 0.52 of a bfloat16 KV cache's bytes
 def memory_text(model: AdaptedModel, tokens: int, seed: int = 6) -> tuple[list[int], str]:
     """`tokens` ids of generated prose whose first document is about an invented entity, and a
     question about that entity."""
-    from .eval.fictional import NameMaker, entity_document
+    from ..eval.fictional import NameMaker, entity_document
 
     rng = random.Random(f"bench-memory:{seed}")
     document, questions = entity_document(NameMaker(rng), rng)
@@ -232,7 +232,7 @@ def bench_memory(
 
 
 def bench_memory_at(model: AdaptedModel, s) -> dict:
-    """bench_memory at a bench.BenchSize `s`: its memory_* fields and decode_tokens."""
+    """bench_memory at a run.BenchSize `s`: its memory_* fields and decode_tokens."""
     return bench_memory(model, s.memory_tokens, s.memory_budget, s.decode_tokens, s.memory_repeats)
 
 
@@ -275,7 +275,7 @@ def format_memory(r: dict) -> list[str]:
 
 
 def run(model: AdaptedModel, s) -> dict:
-    """Part 6 alone (`genadapter bench --memory`) at a bench.BenchSize `s`, with the same header
+    """Part 6 alone (`genadapter bench --memory`) at a run.BenchSize `s`, with the same header
     fields as bench.run_bench; JSON-ready."""
     return {**header(model), "memory": bench_memory_at(model, s)}
 

@@ -1,5 +1,5 @@
 """Fixed-size embeddings of absorbed documents and of prompts, in one space per kind, for a
-library's search (library.py).
+library's search (search.py).
 
 "internal": from the base's layer inputs (the PHATGOOSE-style gates of routing.py). A document's
     embedding is made from its gates (the mean of each adapted layer's inputs over its tokens); a
@@ -39,10 +39,10 @@ import weakref
 import torch
 from transformers import DynamicCache
 
-from .generation import cache_kwargs
-from .layers import bound
+from ..generation import cache_kwargs
+from ..layers import bound
+from ..text import DocumentError
 from .routing import standardize
-from .text import DocumentError
 
 KINDS = ("internal", "behaviour", "lexical")
 # What search uses unless told: the kind that found documents best (docs/LIBRARY.md).

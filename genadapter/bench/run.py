@@ -13,10 +13,10 @@ measurements taken side by side in one process (same model, same inputs, alterna
 4. batches of N sessions with distinct states decoded together (generate_batch) against the same
    batch with no states, and with the reference delta.
 5. an adapter library: decode with top-k routing over many stored states against one bound state
-   (bench_library.py; `genadapter bench --library` runs this part alone).
+   (library.py; `genadapter bench --library` runs this part alone).
 6. the context memory: bytes per absorbed token (int8, float, a KV cache), decode per token and
    time to first token with 512 / 2K / 8K / 32K memory tokens against prompting with a reused KV
-   cache of the same tokens and the bare model (bench_memory.py; `genadapter bench --memory`).
+   cache of the same tokens and the bare model (memory.py; `genadapter bench --memory`).
 
 Runs unchanged on CUDA (timings synchronize the device)."""
 
@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .benchkit import Timing, bench_text, clock, crop, header, kv_bytes, timed_greedy
-from .generation import SamplingParams, generate_batch, generate_ids
-from .model import AdaptedModel
-from .state import AdapterState
-from .text import chunked, token_stream
+from ..generation import SamplingParams, generate_batch, generate_ids
+from ..model import AdaptedModel
+from ..state import AdapterState
+from ..text import chunked, token_stream
+from .kit import Timing, bench_text, clock, crop, header, kv_bytes, timed_greedy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class BenchSize:
     library_states: int = 128  # stored states routed over (part 5)
     library_k: int = 2  # documents mixed per token
     library_real_tokens: int = 128  # tokens absorbed per real state the stored ones are made from
-    # Part 6: memories of these absorbed tokens, plus the budget and 4x the budget (bench_memory)
+    # Part 6: memories of these absorbed tokens, plus the budget and 4x the budget (memory.py)
     memory_tokens: tuple[int, ...] = (512, 2048, 8192, 32768)
     memory_budget: int | None = None  # tokens a turn reads (None: the model's)
     memory_repeats: int = 3
@@ -76,7 +76,7 @@ QUESTION = "Which company built the harbour crane, and in which year?"
 
 
 def _chat_ids(model: AdaptedModel, context: str | None) -> list[int]:
-    from .eval.runner import chat_ids, chat_message
+    from ..eval.runner import chat_ids, chat_message
 
     return chat_ids(model.tokenizer, chat_message(QUESTION, context))
 
@@ -236,7 +236,7 @@ def bench_prompting(model: AdaptedModel, size: BenchSize, context_tokens: int) -
 
 
 def chat_ids_with(model: AdaptedModel, context: str, question: str) -> list[int]:
-    from .eval.runner import chat_ids, chat_message
+    from ..eval.runner import chat_ids, chat_message
 
     return chat_ids(model.tokenizer, chat_message(question, context))
 
@@ -296,8 +296,8 @@ def run_bench(
     model: AdaptedModel, size: str | BenchSize = "default", progress: bool = True
 ) -> dict:
     """All six measurements; a JSON-ready dict (part 6 only when the model keeps a memory)."""
-    from .bench_library import bench_library_at
-    from .bench_memory import bench_memory_at
+    from .library import bench_library_at
+    from .memory import bench_memory_at
 
     size = SIZES[size] if isinstance(size, str) else size
     steps = 5 + len(size.contexts)
@@ -379,11 +379,11 @@ def format_report(r: dict) -> str:
             f" (reference delta {b['reference_step_ratio']:.3f})"
         )
     if "library" in r:
-        from .bench_library import format_library
+        from .library import format_library
 
         lines += ["", *format_library(r["library"])]
     if r.get("memory"):
-        from .bench_memory import format_memory
+        from .memory import format_memory
 
         lines += ["", *format_memory(r["memory"])]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Training throughput: generator training tokens/s against the base model's own
 forward+backward tokens/s on the same tokens, measured side by side in one process.
 
-    python training/throughput.py [--context 512] [--target 256] [--reps 5] [--dtype bfloat16]
+    python training/probes/throughput.py [--context 512] [--target 256] [--reps 5] \
+        [--dtype bfloat16]
 
 A generator step encodes the context without the base's graph and backpropagates through the base
 over the target only; a base forward+backward (what fine-tuning would cost) runs over context and
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from passes import Sample, adapter_loss  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402

@@ -2,7 +2,7 @@
 ICML 2024, arXiv 2402.05859), each made from one document alone.
 
 Kinds (Library.routes(k, gates=...)):
-    "closed":  the document's mean layer input g (library.py stores it at add time), scored
+    "closed":  the document's mean layer input g (folder.py stores it at add time), scored
                against each token's layer input x as <std(x), std(g)> / sqrt(d_in).
     "centred": the same means with a fixed background m subtracted from both sides first:
                <std(x - m), std(g - m)> / sqrt(d_in). m is, per adapted layer, the base's mean
@@ -28,8 +28,8 @@ import weakref
 
 import torch
 
+from ..layers import AdaptedLinear
 from .embedding import input_means
-from .layers import AdaptedLinear
 
 # A fixed, generic text whose mean layer inputs are the background of "centred" gates: varied
 # registers (narrative, instructions, reference, dialogue, code, numbers) so that no one topic

@@ -1,7 +1,7 @@
-"""RoutedSession: a session that answers over a library (library.py), every token of every
+"""RoutedSession: a session that answers over a library (folder.py), every token of every
 adapted layer routed to its top-k entries (routing.py), each turn reading the context memories
-of the entries its text finds (library_memory.py). Imports flow one way: library.py imports this
-module; it uses the library it is given through `routes` and `memories` alone."""
+of the entries its text finds (memory.py). Imports flow one way: search.py imports this module;
+it uses the library it is given through `routes` and `memories` alone."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .layers import bound
-from .memory import ContextMemory
-from .session import AbsorbStats, Session
+from ..layers import bound
+from ..memory import ContextMemory
+from ..session import AbsorbStats, Session
 
 
 class RoutedSession(Session):

@@ -16,9 +16,11 @@ logs, on fixed held-out examples (--held-out, 32), the answer's loss with no con
 document in the prompt, absorbed, and with another example's document absorbed (the gap to
 "absorbed" is what is read from the state rather than guessed from the question).
 
-    python training/read_probe.py --generator training/checkpoints/smollm2-135m-v0 --steps 200
-    python training/read_probe.py --task any --pairing next --steps 300
-    python training/read_probe.py --generator DIR --steps 0 --held-out 24 --held-out-task eval
+    python training/probes/read_probe.py --steps 200 \
+        --generator training/checkpoints/smollm2-135m-v0
+    python training/probes/read_probe.py --task any --pairing next --steps 300
+    python training/probes/read_probe.py --generator DIR --steps 0 --held-out 24 \
+        --held-out-task eval
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from passes import Sample, adapter_loss, target_loss  # noqa: E402
 from synth_qa import Example, _festival, make_example  # noqa: E402
 from train import answer_sample  # noqa: E402

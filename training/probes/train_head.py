@@ -3,8 +3,8 @@
 The teacher is the base with the document in its prompt; the student is the base with the
 document absorbed and only the question in its prompt. The head adapter changes nothing upstream
 of the LM head, so the student's hidden states are the base's own no-context states, cached once
-by training/distill_cache.py with the teacher's final hidden states (whose LM head gives its full
-next-token distribution) and the document's hidden states. A step is then only the adapter:
+by training/probes/distill_cache.py with the teacher's final hidden states (whose LM head gives
+its full next-token distribution) and the document's hidden states. A step is then only the adapter:
 
     loss = KL(teacher || student) at every position of the question tail, the chat template and
            the teacher's answer (answer positions weighted by --answer-weight)
@@ -14,8 +14,8 @@ at a few milliseconds per example. Logs held-out KL, the answer's NLL with the r
 another document absorbed (their gap is what is read), and the share of answer tokens the
 student's argmax gets right; saves a generator folder that `genadapter.load(generator=DIR)` takes.
 
-    python training/train_head.py --train training/cache/mixed --held-out training/cache/evalstyle \
-        --save training/runs/head
+    python training/probes/train_head.py --train training/cache/mixed \
+        --held-out training/cache/evalstyle --save training/runs/head
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from distill_cache import KEY_LAYERS  # noqa: E402
 
 from genadapter.base import load_base  # noqa: E402
@@ -212,7 +213,7 @@ def main() -> None:
             log.flush()
             if args.save:
                 generator.config.extra = {
-                    "stage": "training/train_head.py (context distillation on cached states)",
+                    "stage": "training/probes/train_head.py (context distillation, cached states)",
                     "args": vars(args),
                     "steps": step,
                     "examples": step * args.batch,

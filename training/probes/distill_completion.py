@@ -1,5 +1,6 @@
-"""Completion rows for the LM-head adapter's distillation cache (training/distill_cache.py's row
-format), from the `train` split of the installed Debian corpora (training/DATA.md).
+"""Completion rows for the LM-head adapter's distillation cache (the row format of
+training/probes/distill_cache.py), from the `train` split of the installed Debian corpora
+(training/DATA.md).
 
 A row absorbs the first C tokens of a document (C drawn from 256-1,024, in the runtime's chunks of
 512) and scores the next T tokens: the student is the base over those T tokens alone, the teacher
@@ -8,7 +9,7 @@ the T - 1 scored positions is the target (`answer_len` = T - 1, so train_head.py
 It teaches the head what a long technical document's state looks like, and that there a lookup
 should help the base, not drown it (session 5: perplexity 1,282 on the completion suite).
 
-    python training/distill_completion.py --count 150 --out training/cache/completion
+    python training/probes/distill_completion.py --count 150 --out training/cache/completion
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from distill_cache import final_hidden, start, write_shards  # noqa: E402
 
-from genadapter import corpora  # noqa: E402
+from genadapter.eval import corpora  # noqa: E402
 
 
 def train_documents(tokenizer, need: int, seed: int):

@@ -1,7 +1,7 @@
-"""What every `genadapter bench` part shares (bench.py, bench_library.py, bench_memory.py): a
-clock that waits for the device, generated prose to measure on, greedy decoding timed token by
-token, KV-cache bytes and cropping, and the machine's description. Imports no other bench
-module, so the parts import it one way."""
+"""What every `genadapter bench` part shares (run.py, library.py, memory.py): a clock that waits
+for the device, generated prose to measure on, greedy decoding timed token by token, KV-cache
+bytes and cropping, and the machine's description. Imports no other bench module, so the parts
+import it one way."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from .generation import cache_kwargs
-from .model import AdaptedModel
-from .state import AdapterState
+from ..generation import cache_kwargs
+from ..model import AdaptedModel
+from ..state import AdapterState
 
 
 def sync(device: torch.device) -> None:
@@ -34,7 +34,7 @@ def clock(model: AdaptedModel) -> float:
 
 def bench_text(model: AdaptedModel, tokens: int, seed: int = 0) -> list[int]:
     """`tokens` token ids of generated English prose (documents about invented entities)."""
-    from .eval.fictional import NameMaker, entity_document
+    from ..eval.fictional import NameMaker, entity_document
 
     rng = random.Random(f"bench:{seed}")
     names = NameMaker(rng)

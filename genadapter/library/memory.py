@@ -1,5 +1,5 @@
-"""Library entries' context memories (memory.py; library_entry.py writes each entry's into its
-state file) and what a routed turn reads of them (library_session.py).
+"""Library entries' context memories (genadapter/memory.py; entry.py writes each entry's into
+its state file) and what a routed turn reads of them (session.py).
 
 A routed turn reads the memories of the entries the library's lexical search ranks first for the
 turn's text: every entry with a memory is scored by the cosine of its stored lexical embedding
@@ -16,9 +16,9 @@ from collections import OrderedDict
 
 import torch
 
-from .library_entry import MissingEmbeddingError
-from .memory import ContextMemory
-from .state import CorruptStateError
+from ..memory import ContextMemory
+from ..state import CorruptStateError
+from .entry import MissingEmbeddingError
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
+from ..memory import ContextMemory, MemoryFormatError
+from ..session import Session, _state_path
+from ..state import AdapterState, CorruptStateError, IncompatibleStateError
 from .export import LoraAdapter
-from .memory import ContextMemory, MemoryFormatError
-from .session import Session, _state_path
-from .state import AdapterState, CorruptStateError, IncompatibleStateError
 
 METHODS = ("sum", "mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 LINEAR = ("sum", "mean", "task_arithmetic")

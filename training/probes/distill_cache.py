@@ -14,7 +14,7 @@ all without gradients:
 The teacher's next-token distribution is `lm_head(teacher hidden)`, so storing 576 numbers per
 position stands for the 49,152 logits. Shards are `torch.save` files of lists of dicts (float16).
 
-    python training/distill_cache.py --source synth --count 2000 --out training/cache/synth
+    python training/probes/distill_cache.py --source synth --count 2000 --out training/cache/synth
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 import distill_sources  # noqa: E402
 from passes import common_suffix  # noqa: E402
 

@@ -1,8 +1,9 @@
-"""The files of one library entry (library.py): writing them at `add`, reading and verifying them,
+"""The files of one library entry (folder.py): writing them at `add`, reading and verifying them,
 and the manifest's checks. Every file is a checksummed AdapterState container written atomically;
 the gates and the stored embeddings are bound to the state's checksum and the model's
 fingerprints, so an entry's files cannot be mixed with another's or another model's. The state
-file also holds the entry's context memory (memory.py), as a saved session holds its own."""
+file also holds the entry's context memory (genadapter/memory.py), as a saved session holds its
+own."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import torch
 
+from ..layers import bound
+from ..memory import ContextMemory
+from ..session import Session
+from ..state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
+from ..text import DocumentError
 from . import embedding
-from .layers import bound
-from .memory import ContextMemory
-from .session import Session
-from .state import AdapterState, CorruptStateError, IncompatibleStateError, atomic_write
-from .text import DocumentError
 
 FORMAT = "genadapter-library/1"
+ENTRIES = "entries"  # the library folder's subfolder of entries, one folder each
 STATE_FILE = "state.safetensors"
 GATES_FILE = "gates.safetensors"
 GATES_KIND = "library-gates"

@@ -21,7 +21,8 @@ layer's combined output is the target, MSE normalised so that ignoring the docum
 Training documents: training/synth_qa.py (generated; training/DATA.md). Held out: the same 24
 evaluation-style documents as attention_probe.py (seed 12345, neither the test nor the dev seed).
 
-    python training/feature_map_probe.py --steps 600 --out docs/training/feature-map-probe.json
+    python training/probes/feature_map_probe.py --steps 600 \
+        --out docs/training/feature-map-probe.json
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # training/probes: the probes, then the recipe
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 import synth_qa  # noqa: E402
 from attention_probe import Probe  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .state import AdapterState, atomic_write, file_mode
+from ..state import AdapterState, atomic_write, file_mode
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ How the context keys are read:
               `taylor` and `linear` read unrotated keys, the `nopos` geometry, which loses most of
               prompting's gain even with softmax (issue 24, defect 4).
 
-    python training/attention_probe.py --documents 24 --out docs/training/attention-probe.json
-    python training/attention_probe.py --modes fixed taylor_fixed linear_fixed \
+    python training/probes/attention_probe.py --documents 24 \
+        --out docs/training/attention-probe.json
+    python training/probes/attention_probe.py --modes fixed taylor_fixed linear_fixed \
         --out docs/training/attention-probe-kernel-fixed32.json
 """
 
