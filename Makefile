@@ -36,7 +36,8 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-# Reproduce the shipped generator: Debian corpora -> token shards -> training -> packaged checkpoint.
+# Reproduce the v0 generator (training/checkpoints/smollm2-135m-v0, not loaded by default): Debian
+# corpora -> token shards -> training -> packaged checkpoint.
 CORPORA_PACKAGES := python3-doc debian-reference-en dict-foldoc dict-gcide wordnet manpages
 SHIPPED := training/checkpoints/smollm2-135m-v0
 RUN := training/runs/smollm2-135m-instruct

@@ -1,5 +1,6 @@
-"""Decoding: a KV-cached token loop under a bound state, sampling, and incremental detokenization
-with stop strings."""
+"""Decoding: prefill (a layout's memory written into the KV cache between its header and the
+rest), a KV-cached token loop under a bound state, sampling, and incremental detokenization with
+stop strings."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""AdaptedModel: a frozen base with the generator injected. It encodes context into states and runs
-forwards in which each sequence of a batch uses its own state."""
+"""AdaptedModel: a frozen base with the generator injected. It encodes context into states (and
+each chunk's keys and values into the ContextMemory) and runs forwards in which each sequence of a
+batch uses its own state; `load()` builds one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A session's memory: the running sums S = sum_t K_t^T V_t per adapted layer, their SVD
+"""A session's adapter state: the running sums S = sum_t K_t^T V_t per adapted layer, their SVD
 normalization, and an atomic, checksummed file format."""
 
 from __future__ import annotations
