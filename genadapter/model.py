@@ -1,6 +1,5 @@
-"""AdaptedModel: a frozen base with the generator injected. It encodes context into states (and
-each chunk's keys and values into the ContextMemory) and runs forwards in which each sequence of a
-batch uses its own state; `load()` builds one."""
+"""AdaptedModel, the frozen base with the generator injected, and `load()`: it encodes context into
+states and the ContextMemory, and runs forwards in which each row uses its own state."""
 
 from __future__ import annotations
 
