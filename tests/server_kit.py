@@ -18,6 +18,7 @@ import uvicorn
 
 from genadapter.generation import SamplingParams, generate_ids, stream_text
 from genadapter.server.app import ServerConfig, create_app
+from genadapter.server.worker import Finished
 from genadapter.session import Session
 from genadapter.state import AdapterState
 
@@ -135,3 +136,11 @@ CHAT = "/v1/chat/completions"
 
 def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
+
+
+def drain(job, timeout: float = TIMEOUT) -> tuple[list[int], Finished]:
+    """A worker job's tokens and how it ended."""
+    tokens = []
+    while not isinstance(item := job.tokens.get(timeout=timeout), Finished):
+        tokens.append(item)
+    return tokens, item

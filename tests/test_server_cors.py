@@ -7,7 +7,7 @@ import pytest
 
 from genadapter.cli import main
 
-from .test_server import MODEL, ask, served
+from .server_kit import MODEL, ask, served
 
 APP = "http://app.example:5173"
 PREFLIGHT = {

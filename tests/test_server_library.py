@@ -17,8 +17,8 @@ from genadapter.library.folder import Library
 from genadapter.server.worker import ModelWorker
 from genadapter.session import Session
 
-from .test_library import DOCS, QUESTIONS
-from .test_server import (
+from .library_kit import DOCS, QUESTIONS
+from .server_kit import (
     CHAT,
     TIMEOUT,
     ask,

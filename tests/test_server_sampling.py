@@ -11,7 +11,7 @@ import torch
 
 from genadapter.generation import SamplingParams, generate_ids
 from genadapter.server.resident import MemoryCapExceeded, ResidentSessions, memory_nbytes
-from genadapter.server.worker import Finished, ModelWorker
+from genadapter.server.worker import ModelWorker
 from genadapter.session import Session
 from genadapter.state import AdapterState
 
@@ -21,6 +21,7 @@ from .server_kit import (
     DOCS,
     TIMEOUT,
     ask,
+    drain,
     new_session,
     openai_server,
     prompt_ids,
@@ -126,14 +127,6 @@ def test_a_bad_seed_is_refused_while_another_users_stream_runs_on(server, random
     events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
     assert not [e for e in events if "error" in e]
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == expected
-
-
-def drain(job, timeout: float = TIMEOUT) -> tuple[list[int], Finished]:
-    """A worker job's tokens and how it ended."""
-    tokens = []
-    while not isinstance(item := job.tokens.get(timeout=timeout), Finished):
-        tokens.append(item)
-    return tokens, item
 
 
 def broken(state: AdapterState) -> AdapterState:

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from .conftest import DOCUMENT, assert_umask_modes, usual_umask
-from .test_server import DOCS, ask, new_session, saved_session, served
+from .server_kit import DOCS, ask, new_session, saved_session, served
 
 
 def test_the_store_gets_the_modes_the_umask_gives(random_model, tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .test_server import CHAT, ask, new_session, served
+from .server_kit import CHAT, ask, new_session, served
 
 SCHEMA = {
     "type": "object",

@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .conftest import DOCUMENT
-from .test_server import AUTH, DOCS, new_session, saved_session, served
+from .server_kit import AUTH, DOCS, new_session, saved_session, served
 
 LONG = DOCUMENT * 30  # about 100 chunks: seconds of encoding on a CPU
 LIMITS = dict(max_document_bytes=64_000, max_document_tokens=8_000)
