@@ -78,6 +78,17 @@ def random_model():
     return AdaptedModel(base, gen, chunk_tokens=TEST_CHUNK, chunk_batch=3)
 
 
+@pytest.fixture(scope="module")
+def server(random_model, tmp_path_factory):
+    """The server tests' server (tests/server_kit.py): a fresh store per test module, served by
+    uvicorn on loopback, with an httpx client (`.http`) and the openai client (`.openai`). A module
+    with a `server` fixture of its own uses that instead."""
+    from .server_kit import openai_server  # uvicorn and openai only where a module asks
+
+    with openai_server(random_model, tmp_path_factory) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def reference(default_dir):
     """The unwrapped transformers model, loaded on its own."""

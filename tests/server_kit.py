@@ -73,8 +73,8 @@ def served(model, store: Path, **options):
 
 @contextmanager
 def openai_server(model, tmp_path_factory):
-    """`served` over a fresh store, with the official openai client too (`.openai`): what each
-    test module's `server` fixture yields."""
+    """`served` over a fresh store, with the official openai client too (`.openai`): what the
+    `server` fixture (conftest.py) yields."""
     with served(model, tmp_path_factory.mktemp("store")) as server:
         url = server.url
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)

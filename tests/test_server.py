@@ -27,18 +27,10 @@ from .server_kit import (
     ask,
     assert_states_close,
     new_session,
-    openai_server,
     reference_answer,
     saved_session,
     saved_state,
 )
-
-
-@pytest.fixture(scope="module")
-def server(random_model, tmp_path_factory):
-    with openai_server(random_model, tmp_path_factory) as server:
-        yield server
-
 
 # -- sessions and documents ----------------------------------------------------------------------
 

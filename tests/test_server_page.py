@@ -19,17 +19,9 @@ from .server_kit import (
     KEY,
     TIMEOUT,
     ask,
-    openai_server,
     reference_answer,
     saved_session,
 )
-
-
-@pytest.fixture(scope="module")
-def server(random_model, tmp_path_factory):
-    with openai_server(random_model, tmp_path_factory) as server:
-        yield server
-
 
 # -- the chat page -------------------------------------------------------------------------------
 

@@ -23,19 +23,11 @@ from .server_kit import (
     ask,
     drain,
     new_session,
-    openai_server,
     prompt_ids,
     reference_answer,
     saved_session,
     served,
 )
-
-
-@pytest.fixture(scope="module")
-def server(random_model, tmp_path_factory):
-    with openai_server(random_model, tmp_path_factory) as server:
-        yield server
-
 
 # -- sampling parameters: validated at the boundary, and one request's failure is its own -------
 

@@ -31,20 +31,12 @@ from .server_kit import (
     TIMEOUT,
     ask,
     new_session,
-    openai_server,
     prompt_ids,
     reference_answer,
     running,
     saved_session,
     served,
 )
-
-
-@pytest.fixture(scope="module")
-def server(random_model, tmp_path_factory):
-    with openai_server(random_model, tmp_path_factory) as server:
-        yield server
-
 
 # -- every failure in the error shape; the window; clients that leave ----------------------------
 
